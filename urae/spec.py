@@ -1,0 +1,144 @@
+"""Plain domain objects: what to generate, with which adapters. HTTP schemas wrap these."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from urae.errors import InvalidSpecError
+
+# Documented bounds. A 4096 x 4096 image is 16.8 M pixels; other aspect ratios at the 4K pixel budget
+# stay within MAX_PIXELS (plus rounding to multiples of 16) and may have a longer side up to MAX_SIDE.
+SIZE_MULTIPLE = 16
+MIN_SIDE = 64
+MAX_SIDE = 8192
+MAX_PIXELS = 4096 * 4096 + 4096 * 64
+MAX_STEPS = 100
+MAX_GUIDANCE = 30.0
+MAX_PROMPT_CHARS = 2000
+MAX_IMAGES = 4
+MAX_NTK_FACTOR = 100.0
+MAX_SEQUENCE_LENGTHS = (64, 128, 256, 512)
+VAE_DECODE_MODES = ("auto", "full", "tiled")
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter by name with its blend weight (0 leaves the base model's output unchanged)."""
+
+    name: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterRef:
+        """Parse ``name`` or ``name:weight`` (the CLI form)."""
+        name, sep, weight = text.rpartition(":")
+        if not sep or not _is_float(weight):
+            return cls(text)
+        return cls(name, float(weight))
+
+
+@dataclass
+class GenerationSpec:
+    """Everything that determines an image. Build one with :func:`urae.presets.resolve_spec`."""
+
+    prompt: str
+    width: int = 1024
+    height: int = 1024
+    steps: int = 28
+    guidance: float = 3.5
+    seed: int = 0
+    num_images: int = 1
+    max_sequence_length: int = 512
+    # RoPE NTK: rotary theta is multiplied by this factor (URAE uses 10 at 2K and 4K).
+    ntk_factor: float = 1.0
+    # Softmax scale sqrt(log_4608(N) / head_dim) instead of 1/sqrt(head_dim).
+    proportional_attention: bool = False
+    # None: the model's own schedule (dynamic shift at 1K); a number: that static shift.
+    shift: float | None = None
+    vae_decode: str = "auto"
+    adapters: tuple[AdapterRef, ...] = ()
+    preset: str | None = None
+
+    def validate(self) -> GenerationSpec:
+        """Raise :class:`InvalidSpecError` naming the first bad field; return self when valid."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidSpecError("prompt", "must be a non-empty string")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidSpecError("prompt", f"is {len(self.prompt)} characters; the maximum is {MAX_PROMPT_CHARS}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidSpecError(name, f"must be an integer, got {value!r}")
+            if value % SIZE_MULTIPLE:
+                raise InvalidSpecError(name, f"{value} is not a multiple of {SIZE_MULTIPLE}")
+            if not MIN_SIDE <= value <= MAX_SIDE:
+                raise InvalidSpecError(name, f"{value} is outside {MIN_SIDE}..{MAX_SIDE}")
+        if self.width * self.height > MAX_PIXELS:
+            raise InvalidSpecError(
+                "width", f"{self.width}x{self.height} exceeds the maximum of {MAX_PIXELS} pixels (4096x4096)"
+            )
+        _check_int("steps", self.steps, 1, MAX_STEPS)
+        _check_int("num_images", self.num_images, 1, MAX_IMAGES)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_float("guidance", self.guidance, 0.0, MAX_GUIDANCE)
+        _check_float("ntk_factor", self.ntk_factor, 1.0, MAX_NTK_FACTOR)
+        if self.shift is not None:
+            _check_float("shift", self.shift, 0.1, 100.0)
+        if self.max_sequence_length not in MAX_SEQUENCE_LENGTHS:
+            raise InvalidSpecError(
+                "max_sequence_length", f"{self.max_sequence_length} is not one of {MAX_SEQUENCE_LENGTHS}"
+            )
+        if self.vae_decode not in VAE_DECODE_MODES:
+            raise InvalidSpecError("vae_decode", f"{self.vae_decode!r} is not one of {VAE_DECODE_MODES}")
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise InvalidSpecError("adapters", "an adapter is listed twice")
+        for ref in self.adapters:
+            if not ref.name:
+                raise InvalidSpecError("adapters", "an adapter name is empty")
+            _check_float("adapters", ref.weight, -4.0, 4.0)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["adapters"] = [asdict(a) for a in self.adapters]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationSpec:
+        data = dict(data)
+        data["adapters"] = tuple(AdapterRef(**a) for a in data.get("adapters", ()))
+        return cls(**data)
+
+    @property
+    def image_tokens(self) -> int:
+        """Number of image tokens: one per 16x16 pixel patch (8x VAE, 2x2 packing)."""
+        return (self.width // 16) * (self.height // 16)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidSpecError(name, f"must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidSpecError(name, f"{value} is outside {low}..{high}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidSpecError(name, f"must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidSpecError(name, f"{value} is outside {low}..{high}")
+
+
+__all__ = ["AdapterRef", "GenerationSpec", "field"]

@@ -35,3 +35,26 @@ class GenerationCanceled(UraeError):
 
 class OutputWriteError(UraeError):
     """An output file could not be written; nothing partial is left behind."""
+
+
+class DatasetError(UraeError):
+    """A training dataset is unusable. ``problems`` lists every offending file with its reason."""
+
+    def __init__(self, folder: str, problems: list[tuple[str, str]]):
+        lines = [f"{name}: {reason}" for name, reason in problems]
+        super().__init__(f"dataset {folder} has {len(problems)} problem(s): " + "; ".join(lines))
+        self.folder = folder
+        self.problems = problems
+
+
+class TrainingCanceled(UraeError):
+    """Raised at a step boundary when the caller asked training to stop; a checkpoint is kept."""
+
+    def __init__(self, step: int, total: int):
+        super().__init__(f"training canceled after step {step} of {total}")
+        self.step = step
+        self.total = total
+
+
+class TeacherError(UraeError):
+    """The teacher model (remote API or local pipeline) could not produce an image."""

@@ -1,0 +1,136 @@
+"""The FastAPI application: wiring, error translation and the background reaper."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.admission import ApiError
+from service.records import JobRecords, connect
+from service.routers import adapters, finetune, generate, health, jobs
+from service.settings import Settings, get_settings
+from service.storage import LocalStorage, StorageKeyError
+
+log = logging.getLogger("urae.service")
+
+DESCRIPTION = """
+Ultra-high-resolution (2K/4K) FLUX.1 text-to-image generation with URAE adapters, and URAE fine-tuning.
+Every route except `/health` needs `Authorization: Bearer <key>`.
+"""
+
+
+def _reaper(records: JobRecords, settings: Settings, stop: threading.Event) -> None:
+    # Fails (or retries) jobs whose worker died, even when no worker is left to notice.
+    while not stop.wait(settings.reaper_interval_s):
+        try:
+            for job_id in records.reap_orphans(settings.lease_ttl_s, settings.retry_orphaned_jobs):
+                log.warning("job %s lost its worker", job_id)
+        except redis.RedisError:
+            pass  # Redis down: /ready and the 503 answers report it; try again next round
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API. ``settings`` default to the environment (URAE_*)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.open_access:
+            log.warning("OPEN DEVELOPMENT MODE: no API keys configured, every request is accepted")
+        app.state.settings = settings
+        app.state.redis = connect(settings.redis_url, settings.redis_socket_timeout_s)
+        # SSE blocks on reads for up to the keep-alive interval, so its socket timeout is longer.
+        app.state.aredis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.sse_keepalive_s + settings.redis_socket_timeout_s,
+            socket_connect_timeout=settings.redis_socket_timeout_s,
+        )
+        app.state.records = JobRecords(app.state.redis, settings.result_ttl_s)
+        app.state.storage = LocalStorage(settings.storage_dir)
+        stop = threading.Event()
+        reaper = threading.Thread(target=_reaper, args=(app.state.records, settings, stop), name="reaper", daemon=True)
+        reaper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            reaper.join(timeout=5)
+            await app.state.aredis.aclose()
+            app.state.redis.close()
+
+    app = FastAPI(title="urae-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    for router in (generate.router, jobs.router, adapters.router, finetune.router, health.router):
+        app.include_router(router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        body: dict[str, object] = {"detail": exc.detail}
+        if exc.field:
+            body["field"] = exc.field
+        return JSONResponse(body, exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first["loc"] if p not in ("body",)]
+        field = ".".join(loc) or None
+        reason = str(first["msg"]).removeprefix("Value error, ")
+        detail = f"{field}: {reason}" if field else reason
+        return JSONResponse({"detail": detail, "field": field, "errors": _plain(errors)}, 422)
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def redis_down(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "the job store (Redis) is unavailable; retry later"}, 503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(StorageKeyError)
+    async def bad_key(_: Request, exc: StorageKeyError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 400)
+
+
+def _plain(errors: object) -> list[dict[str, object]]:
+    out = []
+    for e in errors:  # type: ignore[attr-defined]
+        out.append({"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))})
+    return out
+
+
+def main() -> None:
+    """``urae-api``: serve the API with uvicorn (host/port from URAE_API_HOST / URAE_API_PORT)."""
+    import os
+    import sys
+
+    import uvicorn
+
+    from service.settings import InsecureSettingsError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = get_settings()
+    except (InsecureSettingsError, ValueError) as exc:
+        print(f"urae-api: refusing to start: {_first_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    host = os.environ.get("URAE_API_HOST", "127.0.0.1")
+    port = int(os.environ.get("URAE_API_PORT", "8000"))
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("no API keys", "URAE_DEV_OPEN_ACCESS"):
+        if marker in text:
+            return text[text.index(marker):].splitlines()[0]
+    return text.splitlines()[0]

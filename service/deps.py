@@ -1,0 +1,48 @@
+"""FastAPI dependencies: the settings, Redis, storage and the authenticated caller of a request."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import redis
+from fastapi import Depends, Header, HTTPException, Request
+
+from service.auth import Unauthorized, authenticate
+from service.records import JobRecords
+from service.settings import Settings
+from service.storage import LocalStorage
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_redis(request: Request) -> redis.Redis:
+    return request.app.state.redis  # type: ignore[no-any-return]
+
+
+def get_records(request: Request) -> JobRecords:
+    return request.app.state.records  # type: ignore[no-any-return]
+
+
+def get_storage(request: Request) -> LocalStorage:
+    return request.app.state.storage  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+RecordsDep = Annotated[JobRecords, Depends(get_records)]
+StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+
+
+def require_api_key(
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> str:
+    try:
+        return authenticate(settings, authorization)
+    except Unauthorized as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+ApiKeyDep = Annotated[str, Depends(require_api_key)]

@@ -1,0 +1,406 @@
+"""Job records in Redis: the one place that reads and changes a job's state.
+
+Used by the API (create, read, cancel) and by the workers (start, progress, finish). A job is a Redis
+hash (status, payload, progress, timings, result, error), a replayable stream of events for SSE, a
+cancel flag, and, while it runs, a lease that the running process refreshes. Status changes go through
+one Lua script, so two actors (a worker finishing, a client canceling, a reaper failing a dead job)
+can never both win.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from service.contract import (
+    ADAPTERS_KEY,
+    GENERATE_QUEUES,
+    JOB_COUNTS_KEY,
+    JOB_FUNCTIONS,
+    RUNNING_JOBS_KEY,
+    STAGE_BUCKETS,
+    STAGE_HISTOGRAM_PREFIX,
+    TERMINAL_STATUSES,
+    WORKERS_KEY,
+    JobKind,
+    JobStatus,
+    job_cancel_key,
+    job_events_key,
+    job_key,
+    job_lease_key,
+    worker_key,
+)
+
+EVENTS_MAXLEN = 2000
+# Stops a runaway stream; the replay an SSE client gets is bounded by it.
+
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return false end
+local allowed = false
+for s in string.gmatch(ARGV[1], '[^,]+') do
+  if s == cur then allowed = true end
+end
+if not allowed then return cur end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[3])
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+return 1
+"""
+
+
+class JobNotFound(KeyError):
+    """No record for this job id (never existed, or expired)."""
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def connect(url: str, socket_timeout_s: float = 2.0) -> redis.Redis:
+    """A Redis client with short timeouts, so an outage is an error at once and not a hang."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+        health_check_interval=30,
+        decode_responses=False,
+    )
+
+
+def rq_queue(conn: redis.Redis, name: str) -> Queue:
+    """An RQ queue with the JSON serializer: nothing read from Redis can run code in a worker."""
+    return Queue(name, connection=conn, serializer=JSONSerializer)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class JobRecords:
+    """Operations on job records over one Redis connection."""
+
+    JSON_FIELDS = ("payload", "progress", "timings", "result")
+
+    def __init__(self, conn: redis.Redis, result_ttl_s: int = 7 * 24 * 3600):
+        self.conn = conn
+        self.result_ttl_s = result_ttl_s
+        self._transition = conn.register_script(_TRANSITION)
+
+    # -- create and read ---------------------------------------------------------------------------
+    def create_and_enqueue(
+        self,
+        job_id: str,
+        kind: JobKind,
+        queue: str,
+        payload: dict[str, Any],
+        *,
+        priority: str = "normal",
+        owner: str = "",
+        timeout_s: int = 3600,
+    ) -> dict[str, Any]:
+        """Write a queued record and put the job on its RQ queue; returns the record."""
+        now = time.time()
+        record = {
+            "id": job_id,
+            "kind": str(kind),
+            "status": str(JobStatus.QUEUED),
+            "priority": priority,
+            "queue": queue,
+            "rq_id": job_id,
+            "owner": owner,
+            "created_at": now,
+            "attempts": 0,
+            "timeout_s": timeout_s,
+            "payload": payload,
+            "progress": None,
+            "timings": {},
+            "result": None,
+            "error": "",
+        }
+        pipe = self.conn.pipeline()
+        pipe.hset(job_key(job_id), mapping=self._encode(record))
+        pipe.xadd(job_events_key(job_id), {"data": _dumps({"type": "status", "status": "queued"})})
+        pipe.hincrby(JOB_COUNTS_KEY, str(JobStatus.QUEUED), 1)
+        pipe.expire(job_key(job_id), self.result_ttl_s)
+        pipe.expire(job_events_key(job_id), self.result_ttl_s)
+        pipe.execute()
+        self._enqueue(job_id, job_id, kind, queue, payload, timeout_s)
+        return record
+
+    def _enqueue(self, rq_id: str, job_id: str, kind: JobKind | str, queue: str, payload: dict[str, Any], timeout_s: int) -> None:
+        rq_queue(self.conn, queue).enqueue_call(
+            JOB_FUNCTIONS[JobKind(kind)],
+            args=(payload,),
+            job_id=rq_id,
+            timeout=timeout_s,
+            result_ttl=3600,
+            failure_ttl=self.result_ttl_s,
+            description=f"{kind} {job_id}",
+        )
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        """The decoded record; JobNotFound when absent."""
+        raw = self.conn.hgetall(job_key(job_id))
+        if not raw:
+            raise JobNotFound(job_id)
+        return self._decode(raw)
+
+    def status(self, job_id: str) -> str | None:
+        value = self.conn.hget(job_key(job_id), "status")
+        return value.decode() if value is not None else None
+
+    def queue_position(self, record: dict[str, Any]) -> int | None:
+        """0 = next to run. Jobs in higher-priority queues count as ahead of this one."""
+        if record["status"] != JobStatus.QUEUED:
+            return None
+        queue = record["queue"]
+        ahead = GENERATE_QUEUES[: GENERATE_QUEUES.index(queue)] if queue in GENERATE_QUEUES else ()
+        pipe = self.conn.pipeline()
+        for name in ahead:
+            pipe.llen(rq_queue_key(name))
+        pipe.lpos(rq_queue_key(queue), record["rq_id"])
+        *lengths, position = pipe.execute()
+        if position is None:
+            return None
+        return int(sum(lengths) + position)
+
+    # -- status changes ----------------------------------------------------------------------------
+    def transition(self, job_id: str, allowed: tuple[str, ...], new: JobStatus, event: dict[str, Any] | None = None, **fields: Any) -> bool:
+        """Move a job from one of ``allowed`` to ``new``, atomically; False if it was elsewhere."""
+        flat: list[str] = []
+        for name, value in fields.items():
+            flat += [name, _dumps(value) if name in self.JSON_FIELDS else str(value)]
+        data = {"type": "status", "status": str(new), **(event or {})}
+        result = self._transition(
+            keys=[job_key(job_id), job_events_key(job_id), JOB_COUNTS_KEY],
+            args=[",".join(allowed), str(new), _dumps(data), EVENTS_MAXLEN, *flat],
+        )
+        ok = result == 1
+        if ok and new in TERMINAL_STATUSES:
+            pipe = self.conn.pipeline()
+            pipe.expire(job_key(job_id), self.result_ttl_s)
+            pipe.expire(job_events_key(job_id), self.result_ttl_s)
+            pipe.delete(job_cancel_key(job_id))
+            pipe.execute()
+        return ok
+
+    def start(self, job_id: str, worker: str) -> bool:
+        """queued -> started; False when the job was canceled meanwhile (then it must not run)."""
+        record = self.get(job_id)
+        now = time.time()
+        timings = dict(record.get("timings") or {})
+        timings["queued"] = round(now - float(record.get("enqueued_at") or record["created_at"]), 4)
+        ok = self.transition(
+            job_id, (JobStatus.QUEUED,), JobStatus.STARTED, {"worker": worker},
+            started_at=now, worker=worker, timings=timings, attempts=int(record.get("attempts", 0)) + 1,
+        )
+        if ok:
+            self.conn.hset(RUNNING_JOBS_KEY, job_id, worker)
+            observe_stage(self.conn, "queued", timings["queued"])
+        return ok
+
+    def finish(self, job_id: str, result: dict[str, Any], timings: dict[str, float]) -> bool:
+        self.conn.hdel(RUNNING_JOBS_KEY, job_id)
+        return self.transition(
+            job_id, (JobStatus.STARTED,), JobStatus.FINISHED, {"result": result},
+            ended_at=time.time(), result=result, timings=timings,
+        )
+
+    def fail(self, job_id: str, error: str, timings: dict[str, float] | None = None) -> bool:
+        self.conn.hdel(RUNNING_JOBS_KEY, job_id)
+        fields: dict[str, Any] = {"ended_at": time.time(), "error": error}
+        if timings is not None:
+            fields["timings"] = timings
+        return self.transition(
+            job_id, (JobStatus.QUEUED, JobStatus.STARTED), JobStatus.FAILED, {"error": error}, **fields
+        )
+
+    def cancel_done(self, job_id: str, message: str, timings: dict[str, float] | None = None) -> bool:
+        """started -> canceled, after the runner stopped on a cancel request."""
+        self.conn.hdel(RUNNING_JOBS_KEY, job_id)
+        fields: dict[str, Any] = {"ended_at": time.time(), "error": message}
+        if timings is not None:
+            fields["timings"] = timings
+        return self.transition(job_id, (JobStatus.STARTED,), JobStatus.CANCELED, {"error": message}, **fields)
+
+    def requeue(self, job_id: str, reason: str) -> bool:
+        """started -> queued again (a new RQ job, same record), e.g. after a worker shut down."""
+        record = self.get(job_id)
+        self.conn.hdel(RUNNING_JOBS_KEY, job_id)
+        rq_id = f"{job_id}-{int(record.get('attempts', 1)) + 1}"
+        ok = self.transition(
+            job_id, (JobStatus.STARTED,), JobStatus.QUEUED, {"reason": reason},
+            rq_id=rq_id, enqueued_at=time.time(), progress=None,
+        )
+        if ok:
+            self._enqueue(rq_id, job_id, record["kind"], record["queue"], record["payload"], int(record["timeout_s"]))
+        return ok
+
+    def request_cancel(self, job_id: str) -> str:
+        """Ask a job to stop. Returns the status it ends in now: canceled (it was queued), started
+        (it stops at its next step), or its terminal status (nothing to do)."""
+        record = self.get(job_id)
+        status = record["status"]
+        if status in TERMINAL_STATUSES:
+            return status
+        self.conn.set(job_cancel_key(job_id), b"1", ex=self.result_ttl_s)
+        if status == JobStatus.QUEUED and self.transition(
+            job_id, (JobStatus.QUEUED,), JobStatus.CANCELED, {"error": "canceled before it started"},
+            ended_at=time.time(), error="canceled before it started",
+        ):
+            rq_queue(self.conn, record["queue"]).remove(record["rq_id"])
+            return JobStatus.CANCELED
+        return self.status(job_id) or status
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.conn.exists(job_cancel_key(job_id)))
+
+    # -- progress ----------------------------------------------------------------------------------
+    def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
+        """Record and publish a progress change (one round trip)."""
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.hset(job_key(job_id), "progress", _dumps(progress))
+        pipe.xadd(job_events_key(job_id), {"data": _dumps({"type": "progress", **progress})},
+                  maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.execute()
+
+    # -- leases and dead runners ---------------------------------------------------------------------
+    @contextmanager
+    def lease(self, job_id: str, ttl_s: float, interval_s: float) -> Iterator[None]:
+        """Keep the job's lease alive from a thread while the body runs (heartbeat during a job)."""
+        key = job_lease_key(job_id)
+        ttl_ms = max(1, int(ttl_s * 1000))
+        self.conn.set(key, b"1", px=ttl_ms)
+        stop = threading.Event()
+
+        def refresh() -> None:
+            while not stop.wait(interval_s):
+                try:
+                    self.conn.set(key, b"1", px=ttl_ms)
+                except redis.RedisError:
+                    pass  # transient; the next refresh retries before the lease runs out
+
+        thread = threading.Thread(target=refresh, name=f"lease-{job_id[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            self.conn.delete(key)
+
+    def reap_orphans(self, lease_ttl_s: float, retry: bool) -> list[str]:
+        """Fail (or retry once) every started job whose runner's lease expired. Safe to run anywhere,
+        any number of times: HDEL decides which caller handles a job."""
+        reaped: list[str] = []
+        for raw_id, raw_worker in self.conn.hgetall(RUNNING_JOBS_KEY).items():
+            job_id, worker = raw_id.decode(), raw_worker.decode()
+            if self.conn.exists(job_lease_key(job_id)):
+                continue
+            if self.conn.hdel(RUNNING_JOBS_KEY, job_id) != 1:
+                continue
+            try:
+                record = self.get(job_id)
+            except JobNotFound:
+                continue
+            if record["status"] != JobStatus.STARTED:
+                continue
+            reason = f"worker {worker} stopped responding (no heartbeat for {lease_ttl_s:g} s)"
+            if retry and int(record.get("attempts", 1)) < 2:
+                self.requeue(job_id, reason + "; retrying once")
+            else:
+                self.fail(job_id, reason)
+            reaped.append(job_id)
+        return reaped
+
+    # -- encoding ----------------------------------------------------------------------------------
+    def _encode(self, record: dict[str, Any]) -> dict[str, str]:
+        return {k: _dumps(v) if k in self.JSON_FIELDS else str(v) for k, v in record.items()}
+
+    def _decode(self, raw: dict[bytes, bytes]) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        for k, v in raw.items():
+            key, text = k.decode(), v.decode()
+            record[key] = json.loads(text) if key in self.JSON_FIELDS else text
+        for key in ("created_at", "started_at", "ended_at", "enqueued_at"):
+            if record.get(key):
+                record[key] = float(record[key])
+        return record
+
+
+def rq_queue_key(name: str) -> str:
+    return f"{Queue.redis_queue_namespace_prefix}{name}"
+
+
+# -- metrics written by workers, read by the API -----------------------------------------------------
+def observe_stage(conn: redis.Redis, stage: str, seconds: float) -> None:
+    """Add one observation to a stage-duration histogram (bucket counts, sum and count in a hash)."""
+    bucket = next((f"{b:g}" for b in STAGE_BUCKETS if seconds <= b), "+Inf")
+    pipe = conn.pipeline(transaction=False)
+    key = STAGE_HISTOGRAM_PREFIX + stage
+    pipe.hincrby(key, bucket, 1)
+    pipe.hincrby(key, "count", 1)
+    pipe.hincrbyfloat(key, "sum", seconds)
+    pipe.execute()
+
+
+def publish_worker(conn: redis.Redis, name: str, info: dict[str, Any], ttl_s: float) -> None:
+    """A worker's heartbeat: its capabilities and counters, expiring unless refreshed."""
+    pipe = conn.pipeline(transaction=False)
+    pipe.set(worker_key(name), _dumps({**info, "name": name, "seen_at": time.time()}), px=int(ttl_s * 1000))
+    pipe.sadd(WORKERS_KEY, name)
+    pipe.execute()
+
+
+def live_workers(conn: redis.Redis) -> list[dict[str, Any]]:
+    """Heartbeat records of every worker alive now; forgets the names of dead ones."""
+    names = [n.decode() for n in conn.smembers(WORKERS_KEY)]
+    if not names:
+        return []
+    values = conn.mget([worker_key(n) for n in names])
+    dead = [n for n, v in zip(names, values, strict=True) if v is None]
+    if dead:
+        conn.srem(WORKERS_KEY, *dead)
+    return [json.loads(v) for v in values if v is not None]
+
+
+def remove_worker(conn: redis.Redis, name: str) -> None:
+    pipe = conn.pipeline(transaction=False)
+    pipe.delete(worker_key(name))
+    pipe.srem(WORKERS_KEY, name)
+    pipe.execute()
+
+
+# -- adapter registry ----------------------------------------------------------------------------------
+def get_adapter(conn: redis.Redis, name: str) -> dict[str, Any] | None:
+    raw = conn.hget(ADAPTERS_KEY, name)
+    return json.loads(raw) if raw is not None else None
+
+
+def list_adapters(conn: redis.Redis) -> list[dict[str, Any]]:
+    return sorted((json.loads(v) for v in conn.hgetall(ADAPTERS_KEY).values()), key=lambda a: a["name"])
+
+
+def register_adapter(conn: redis.Redis, record: dict[str, Any]) -> None:
+    conn.hset(ADAPTERS_KEY, record["name"], _dumps(record))
+
+
+def unregister_adapter(conn: redis.Redis, name: str) -> dict[str, Any] | None:
+    raw = conn.hget(ADAPTERS_KEY, name)
+    if raw is None:
+        return None
+    conn.hdel(ADAPTERS_KEY, name)
+    return json.loads(raw)

@@ -1,0 +1,125 @@
+"""The adapter registry: list, inspect, upload (validated and converted by a worker), delete.
+
+POST /adapters waits (bounded by URAE_ADAPTER_IMPORT_WAIT_S) for the conversion job: 201 with the
+adapter when it finished in time, 422 when the file was refused, else 202 with the job to follow.
+DELETE removes the name at once; queued jobs that use it fail when they start, with a message naming
+the deleted adapter; a job already running keeps the weights it loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Path, UploadFile
+from fastapi.responses import JSONResponse
+
+from service.admission import ApiError, check_queue_depth
+from service.contract import (
+    ADAPTER_IMPORT_QUEUE,
+    ADAPTER_NAME_PATTERN,
+    BUILTIN_ADAPTERS,
+    TERMINAL_STATUSES,
+    AdapterImportPayload,
+    JobKind,
+    JobStatus,
+    upload_object,
+)
+from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDep
+from service.records import get_adapter, list_adapters, new_job_id, unregister_adapter
+from service.routers.jobs import job_public
+from service.schemas import AdapterList, AdapterPublic, ErrorBody, JobPublic
+from service.uploads import UploadError, check_safetensors, spooled_upload
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+AdapterName = Annotated[str, Path(pattern=ADAPTER_NAME_PATTERN, description="lower-case letters, digits, - and _")]
+ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+
+
+def _builtin(name: str) -> AdapterPublic:
+    return AdapterPublic(name=name, builtin=True, source="builtin", description="URAE preset adapter")
+
+
+@router.get("", response_model=AdapterList)
+def adapters_index(_: ApiKeyDep, conn: RedisDep) -> AdapterList:
+    """Built-in adapters and every registered one."""
+    registered = [AdapterPublic(**a) for a in list_adapters(conn)]
+    return AdapterList(adapters=[_builtin(n) for n in BUILTIN_ADAPTERS] + registered)
+
+
+@router.get("/{name}", response_model=AdapterPublic, responses=ERRORS)
+def adapter_detail(name: AdapterName, _: ApiKeyDep, conn: RedisDep) -> AdapterPublic:
+    if name in BUILTIN_ADAPTERS:
+        return _builtin(name)
+    record = get_adapter(conn, name)
+    if record is None:
+        raise ApiError(404, f"adapter {name!r} not found")
+    return AdapterPublic(**record)
+
+
+@router.delete("/{name}", status_code=204, responses={**ERRORS, 409: {"model": ErrorBody}})
+def adapter_delete(name: AdapterName, _: ApiKeyDep, conn: RedisDep, storage: StorageDep) -> None:
+    """Unregister an adapter and delete its file; queued jobs that name it will fail at start."""
+    if name in BUILTIN_ADAPTERS:
+        raise ApiError(409, f"{name!r} is a built-in adapter and cannot be deleted")
+    if unregister_adapter(conn, name) is None:
+        raise ApiError(404, f"adapter {name!r} not found")
+    storage.delete(f"adapters/{name}")
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=AdapterPublic,
+    responses={**ERRORS, 202: {"model": JobPublic, "description": "still converting: follow the job"},
+               409: {"model": ErrorBody}, 413: {"model": ErrorBody}, 429: {"model": ErrorBody}},
+)
+def adapter_upload(
+    file: Annotated[UploadFile, File(description="a .safetensors LoRA or URAE minor-component adapter")],
+    name: Annotated[str, Form(pattern=ADAPTER_NAME_PATTERN)],
+    _: ApiKeyDep,
+    settings: SettingsDep,
+    conn: RedisDep,
+    records: RecordsDep,
+    storage: StorageDep,
+    description: Annotated[str, Form(max_length=500)] = "",
+    replace: Annotated[bool, Form()] = False,
+) -> JSONResponse:
+    """Upload an adapter. The header is checked here; a worker checks that it fits the base model and
+    converts a minor-component file into the served form (a plain LoRA)."""
+    if name in BUILTIN_ADAPTERS:
+        raise ApiError(409, f"{name!r} is the name of a built-in adapter", field="name")
+    if not replace and get_adapter(conn, name) is not None:
+        raise ApiError(409, f"adapter {name!r} already exists (send replace=true to replace it)", field="name")
+    check_queue_depth(conn, ADAPTER_IMPORT_QUEUE, settings)
+    job_id = new_job_id()
+    key = upload_object(job_id, ".safetensors")
+    try:
+        with spooled_upload(file.file, storage.path("uploads"), settings.max_adapter_bytes, "the adapter file") as tmp:
+            check_safetensors(tmp)
+            storage.put_file(key, tmp)
+    except UploadError as exc:
+        status = 413 if "larger than the limit" in str(exc) else 422
+        raise ApiError(status, str(exc), field="file") from None
+
+    payload = AdapterImportPayload(job_id=job_id, name=name, upload=key, description=description)
+    record = records.create_and_enqueue(
+        job_id, JobKind.ADAPTER_IMPORT, ADAPTER_IMPORT_QUEUE, payload.model_dump(), priority="high",
+        timeout_s=settings.job_timeout_s,
+    )
+    deadline = time.monotonic() + settings.adapter_import_wait_s
+    while time.monotonic() < deadline:
+        status = records.status(job_id)
+        if status in TERMINAL_STATUSES:
+            break
+        time.sleep(0.05)
+    record = records.get(job_id)
+    if record["status"] == JobStatus.FINISHED:
+        adapter = get_adapter(conn, name)
+        if adapter is not None:
+            return JSONResponse(AdapterPublic(**adapter).model_dump(mode="json"), 201, headers={"Location": f"/adapters/{name}"})
+    if record["status"] in (JobStatus.FAILED, JobStatus.CANCELED):
+        raise ApiError(422, record.get("error") or "the adapter was refused", field="file")
+    body = job_public(record, records.queue_position(record)).model_dump(mode="json")
+    return JSONResponse(body, 202, headers={"Location": f"/jobs/{job_id}"})

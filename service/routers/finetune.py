@@ -1,0 +1,89 @@
+"""POST /finetune: a dataset (uploaded archive or a name on the server) and a recipe -> a training job."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
+from pydantic import ValidationError
+
+from service.admission import ApiError, check_queue_depth
+from service.contract import (
+    ADAPTER_NAME_PATTERN,
+    BUILTIN_ADAPTERS,
+    DATASET_NAME_PATTERN,
+    FINETUNE_QUEUE,
+    FinetunePayload,
+    JobKind,
+    dataset_prefix,
+)
+from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDep
+from service.records import new_job_id
+from service.routers.jobs import job_public
+from service.schemas import ErrorBody, FinetuneRecipe, JobPublic
+from service.uploads import ArchiveLimits, UploadError, extract_dataset, spooled_upload
+
+router = APIRouter(tags=["finetune"])
+
+
+@router.post(
+    "/finetune",
+    status_code=202,
+    response_model=JobPublic,
+    responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
+               413: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}},
+)
+def submit_finetune(
+    response: Response,
+    owner: ApiKeyDep,
+    settings: SettingsDep,
+    conn: RedisDep,
+    records: RecordsDep,
+    storage: StorageDep,
+    adapter_name: Annotated[str, Form(pattern=ADAPTER_NAME_PATTERN, description="name to register the result under")],
+    dataset: Annotated[UploadFile | None, File(description="zip or tar of images with .txt captions")] = None,
+    dataset_name: Annotated[str | None, Form(pattern=DATASET_NAME_PATTERN,
+                                             description="a dataset already on the server, or the name for the upload")] = None,
+    recipe: Annotated[str, Form(description='training parameters as JSON, e.g. {"steps": 200, "rank": 16}')] = "{}",
+) -> JobPublic:
+    """Queue a fine-tune. Progress reports step, loss and ETA; on success the adapter is registered."""
+    if adapter_name in BUILTIN_ADAPTERS:
+        raise ApiError(409, f"{adapter_name!r} is the name of a built-in adapter", field="adapter_name")
+    try:
+        parsed = FinetuneRecipe.model_validate(json.loads(recipe))
+    except json.JSONDecodeError:
+        raise ApiError(422, "recipe must be a JSON object", field="recipe") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "recipe"
+        raise ApiError(422, f"recipe.{field}: {first['msg']}", field=f"recipe.{field}") from None
+    check_queue_depth(conn, FINETUNE_QUEUE, settings)
+
+    job_id = new_job_id()
+    if dataset is not None:
+        name = dataset_name or f"{adapter_name}-{job_id[:8]}"
+        dest = storage.path(dataset_prefix(name))
+        limits = ArchiveLimits(settings.max_dataset_files, settings.max_dataset_uncompressed_bytes)
+        try:
+            with spooled_upload(dataset.file, storage.path("uploads"), settings.max_dataset_bytes, "the dataset upload") as tmp:
+                extract_dataset(tmp, dest, limits)
+        except UploadError as exc:
+            status = 409 if "already exists" in str(exc) else 413 if "larger than the limit" in str(exc) else 422
+            raise ApiError(status, str(exc), field="dataset") from None
+    elif dataset_name is not None:
+        name = dataset_name
+        if not storage.path(dataset_prefix(name)).is_dir():
+            raise ApiError(404, f"dataset {name!r} is not on the server", field="dataset_name")
+    else:
+        raise ApiError(422, "give a dataset archive or the name of a dataset on the server", field="dataset")
+
+    payload = FinetunePayload(
+        job_id=job_id, adapter_name=adapter_name, dataset=name, recipe=parsed.model_dump(exclude_none=True)
+    )
+    record = records.create_and_enqueue(
+        job_id, JobKind.FINETUNE, FINETUNE_QUEUE, payload.model_dump(), owner=owner,
+        timeout_s=settings.finetune_timeout_s,
+    )
+    response.headers["Location"] = f"/jobs/{job_id}"
+    return job_public(record, records.queue_position(record))

@@ -1,0 +1,94 @@
+"""POST /generate: validate, admit, enqueue; 202 with the job."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+
+from service.admission import ApiError, check_adapters_exist, check_capability, check_queue_depth
+from service.contract import MAX_SEED, GeneratePayload, JobKind, generate_queue, idempotency_key
+from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep
+from service.records import new_job_id
+from service.routers.jobs import job_public
+from service.schemas import ErrorBody, GenerateRequest, JobPublic
+
+router = APIRouter(tags=["generate"])
+
+_IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=JobPublic,
+    responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+)
+def submit_generation(
+    body: GenerateRequest,
+    response: Response,
+    owner: ApiKeyDep,
+    settings: SettingsDep,
+    conn: RedisDep,
+    records: RecordsDep,
+    idempotency: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobPublic:
+    """Queue a text-to-image job. Repeating a request with the same ``Idempotency-Key`` returns the same job."""
+    width, height = body.size()
+    check_adapters_exist(conn, [a.name for a in body.adapters])
+    check_capability(conn, settings, width, height)
+    queue = generate_queue(body.priority)
+
+    claim: str | None = None
+    if idempotency is not None:
+        if not _IDEMPOTENCY_KEY_RE.match(idempotency):
+            raise ApiError(422, "Idempotency-Key must be 1..128 printable ASCII characters", field="Idempotency-Key")
+        claim = idempotency_key(owner, hashlib.sha256(idempotency.encode()).hexdigest()[:32])
+        fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()[:16]
+        existing = conn.get(claim)
+        if existing is not None:
+            return _replay(existing.decode(), fingerprint, records, response)
+
+    check_queue_depth(conn, queue, settings)
+    job_id = new_job_id()
+    if claim is not None and not conn.set(claim, f"{job_id}:{fingerprint}", nx=True, ex=settings.idempotency_ttl_s):
+        # Another request with this key won the race a moment ago.
+        return _replay(conn.get(claim).decode(), fingerprint, records, response)  # type: ignore[union-attr]
+
+    payload = GeneratePayload(
+        job_id=job_id,
+        prompt=body.prompt,
+        preset=body.resolved_preset(),
+        aspect_ratio=body.aspect_ratio,
+        width=body.width,
+        height=body.height,
+        steps=body.steps,
+        guidance=body.guidance,
+        seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED),
+        num_images=body.num_images,
+        adapters=body.adapters,
+        output_format=body.output_format,
+    )
+    try:
+        record = records.create_and_enqueue(
+            job_id, JobKind.GENERATE, queue, payload.model_dump(), priority=body.priority,
+            owner=owner, timeout_s=settings.job_timeout_s,
+        )
+    except Exception:
+        if claim is not None:
+            conn.delete(claim)
+        raise
+    response.headers["Location"] = f"/jobs/{job_id}"
+    return job_public(record, records.queue_position(record))
+
+
+def _replay(value: str, fingerprint: str, records: RecordsDep, response: Response) -> JobPublic:
+    job_id, _, previous = value.partition(":")
+    if previous != fingerprint:
+        raise ApiError(422, "this Idempotency-Key was used with a different request", field="Idempotency-Key")
+    record = records.get(job_id)
+    response.headers["Location"] = f"/jobs/{job_id}"
+    return job_public(record, records.queue_position(record))

@@ -1,0 +1,84 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from service.admission import serving_workers
+from service.contract import (
+    FINETUNE_QUEUE,
+    GENERATE_QUEUES,
+    JOB_COUNTS_KEY,
+    STAGE_BUCKETS,
+    STAGE_HISTOGRAM_PREFIX,
+    STAGE_NAMES,
+    JobKind,
+    JobStatus,
+)
+from service.deps import ApiKeyDep, RedisDep, SettingsDep
+from service.records import live_workers, rq_queue_key
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+def health() -> dict[str, str]:
+    """The process is alive (no authentication, no Redis)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", responses={503: {"description": "not ready, with the reason"}})
+def ready(_: ApiKeyDep, settings: SettingsDep, conn: RedisDep) -> JSONResponse:
+    """Redis answers and at least one live generation worker serves the configured model."""
+    conn.ping()
+    workers = serving_workers(conn, settings, JobKind.GENERATE)
+    body = {"redis": "ok", "model": settings.model, "live_workers": len(workers)}
+    if not workers:
+        return JSONResponse({**body, "status": "not ready", "detail": f"no live worker for model {settings.model}"}, 503)
+    return JSONResponse({**body, "status": "ready"})
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(_: ApiKeyDep, conn: RedisDep) -> PlainTextResponse:
+    """Prometheus text format: queue depth, jobs by status, stage durations, workers, adapter cache."""
+    queues = (*GENERATE_QUEUES, FINETUNE_QUEUE)
+    pipe = conn.pipeline(transaction=False)
+    for name in queues:
+        pipe.llen(rq_queue_key(name))
+    pipe.hgetall(JOB_COUNTS_KEY)
+    for stage in STAGE_NAMES:
+        pipe.hgetall(STAGE_HISTOGRAM_PREFIX + stage)
+    answers = pipe.execute()
+    depths, counts, histograms = answers[: len(queues)], answers[len(queues)], answers[len(queues) + 1 :]
+    workers = live_workers(conn)
+
+    lines = ["# HELP urae_queue_depth Jobs waiting in each queue.", "# TYPE urae_queue_depth gauge"]
+    lines += [f'urae_queue_depth{{queue="{q}"}} {d}' for q, d in zip(queues, depths, strict=True)]
+    lines += ["# HELP urae_jobs_total Jobs that entered each status.", "# TYPE urae_jobs_total counter"]
+    decoded = {k.decode(): int(v) for k, v in counts.items()}
+    lines += [f'urae_jobs_total{{status="{s}"}} {decoded.get(str(s), 0)}' for s in JobStatus]
+    lines += ["# HELP urae_stage_duration_seconds Time spent in each stage of a job.",
+              "# TYPE urae_stage_duration_seconds histogram"]
+    for stage, raw in zip(STAGE_NAMES, histograms, strict=True):
+        hist = {k.decode(): v for k, v in raw.items()}
+        cumulative = 0
+        for bound in STAGE_BUCKETS:
+            cumulative += int(hist.get(f"{bound:g}", 0))
+            lines.append(f'urae_stage_duration_seconds_bucket{{stage="{stage}",le="{bound:g}"}} {cumulative}')
+        count = int(hist.get("count", 0))
+        lines.append(f'urae_stage_duration_seconds_bucket{{stage="{stage}",le="+Inf"}} {count}')
+        lines.append(f'urae_stage_duration_seconds_sum{{stage="{stage}"}} {float(hist.get("sum", 0.0))}')
+        lines.append(f'urae_stage_duration_seconds_count{{stage="{stage}"}} {count}')
+    lines += ["# HELP urae_live_workers Workers with a fresh heartbeat.", "# TYPE urae_live_workers gauge"]
+    for kind in JobKind:
+        if kind != JobKind.ADAPTER_IMPORT:
+            n = sum(1 for w in workers if kind in w.get("kinds", ()))
+            lines.append(f'urae_live_workers{{kind="{kind}"}} {n}')
+    lines += ["# HELP urae_adapter_cache_hits_total Adapter requests served from a worker's cache.",
+              "# TYPE urae_adapter_cache_hits_total counter",
+              f"urae_adapter_cache_hits_total {sum(int(w.get('adapter_hits', 0)) for w in workers)}",
+              "# HELP urae_adapter_cache_misses_total Adapter requests that loaded the adapter.",
+              "# TYPE urae_adapter_cache_misses_total counter",
+              f"urae_adapter_cache_misses_total {sum(int(w.get('adapter_misses', 0)) for w in workers)}"]
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

@@ -1,0 +1,182 @@
+"""HTTP request and response bodies. They wrap the job contract; the bounds are the library's."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.contract import (
+    ADAPTER_NAME_PATTERN,
+    ASPECT_RATIOS,
+    MAX_ADAPTERS_PER_REQUEST,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PIXELS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    SIZE_MULTIPLE,
+    AdapterWeight,
+    Priority,
+    preset_for_pixels,
+    preset_size,
+)
+
+
+class GenerateRequest(BaseModel):
+    """A text-to-image request: a preset with an aspect ratio, or an explicit width and height."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a lighthouse at dawn, ultra detailed", "preset": "2k", "aspect_ratio": "16:9", "seed": 7},
+                {"prompt": "a red fox", "width": 256, "height": 256, "steps": 4, "num_images": 2,
+                 "adapters": [{"name": "my-style", "weight": 0.8}], "output_format": "webp", "priority": "high"},
+            ]
+        },
+    )
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    preset: Literal["1k", "2k", "4k"] | None = Field(
+        default=None, description="Resolution preset; picks adapter, RoPE, shift, steps. Default: from the size."
+    )
+    aspect_ratio: str = Field(default="1:1", description=f"With a preset: one of {', '.join(ASPECT_RATIOS)}")
+    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Default: the preset's")
+    guidance: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE, description="Default: the preset's")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Default: chosen by the server, reported")
+    num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    adapters: list[AdapterWeight] = Field(default=[], max_length=MAX_ADAPTERS_PER_REQUEST)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    priority: Priority = "normal"
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _known_ratio(cls, value: str) -> str:
+        if value not in ASPECT_RATIOS:
+            raise ValueError(f"must be one of {', '.join(ASPECT_RATIOS)}")
+        return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _distinct_adapters(cls, value: list[AdapterWeight]) -> list[AdapterWeight]:
+        names = [a.name for a in value]
+        if len(set(names)) != len(names):
+            raise ValueError("an adapter is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _size(self) -> GenerateRequest:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height go together: give both or neither")
+        if self.width is not None and self.height is not None and self.width * self.height > MAX_PIXELS:
+            raise ValueError(f"{self.width}x{self.height} exceeds the maximum of {MAX_PIXELS} pixels (4096x4096)")
+        return self
+
+    def size(self) -> tuple[int, int]:
+        """The image size this request produces."""
+        if self.width is not None and self.height is not None:
+            return self.width, self.height
+        return preset_size(self.preset or "1k", self.aspect_ratio)
+
+    def resolved_preset(self) -> Literal["1k", "2k", "4k"]:
+        if self.preset is not None:
+            return self.preset
+        width, height = self.size()
+        return preset_for_pixels(width * height)
+
+
+class Links(BaseModel):
+    self: str
+    events: str
+    images: list[str] = []
+
+
+class Progress(BaseModel):
+    stage: str
+    step: int
+    total: int
+    loss: float | None = None
+    eta_s: float | None = None
+
+
+class JobPublic(BaseModel):
+    """A job as clients see it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"id": "3f2a9c0e8b7d4f1a9e6c5b4a3d2e1f00", "kind": "generate", "status": "started",
+                 "priority": "normal", "queue_position": None,
+                 "progress": {"stage": "denoise", "step": 12, "total": 28},
+                 "timings": {"queued": 0.01, "text_encode": 0.4},
+                 "links": {"self": "/jobs/3f2a9c0e8b7d4f1a9e6c5b4a3d2e1f00",
+                           "events": "/jobs/3f2a9c0e8b7d4f1a9e6c5b4a3d2e1f00/events", "images": []},
+                 "error": None, "result": None, "created_at": 1764300000.0}
+            ]
+        }
+    )
+
+    id: str
+    kind: str
+    status: Literal["queued", "started", "finished", "failed", "canceled"]
+    priority: str | None = None
+    queue_position: int | None = None
+    progress: Progress | None = None
+    timings: dict[str, float] = {}
+    links: Links
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    created_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a readable message, and for validation errors the field."""
+
+    detail: str
+    field: str | None = None
+
+
+class AdapterPublic(BaseModel):
+    name: str
+    builtin: bool = False
+    version: str | None = None
+    rank: int | None = None
+    size_bytes: int | None = None
+    source: str | None = None
+    description: str = ""
+    created_at: float | None = None
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterPublic]
+
+
+class FinetuneRecipe(BaseModel):
+    """Training parameters checked before queueing; the worker's training config checks them again."""
+
+    model_config = ConfigDict(extra="allow")
+
+    steps: int | None = Field(default=None, ge=1, le=100_000)
+    rank: int | None = Field(default=None, ge=1, le=256)
+    learning_rate: float | None = Field(default=None, gt=0.0, le=10.0)
+    resolution: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+    batch_size: int | None = Field(default=None, ge=1, le=64)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+
+
+ADAPTER_NAME_FIELD = Field(pattern=ADAPTER_NAME_PATTERN, description="lower-case letters, digits, '-' and '_'")

@@ -1,0 +1,112 @@
+"""One configuration for the API and the workers, from ``URAE_``-prefixed environment variables."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("urae.service")
+
+
+class InsecureSettingsError(ValueError):
+    """The configuration would expose the service without authentication."""
+
+
+class Settings(BaseSettings):
+    """Every tunable of the service and the workers. See ``.env.example`` for one line per field."""
+
+    model_config = SettingsConfigDict(env_prefix="URAE_", env_file=".env", extra="ignore")
+
+    env: Literal["development", "production"] = "production"
+    # Comma-separated API keys, or their SHA-256 hex digests (preferred: the keys never sit in the env).
+    api_keys: str = ""
+    api_key_hashes: str = ""
+    # Without keys, only an explicit development mode opens the API to anyone.
+    dev_open_access: bool = False
+
+    redis_url: str = "redis://localhost:6379/0"
+    # Short timeouts: with Redis down the API answers 503 at once instead of hanging.
+    redis_socket_timeout_s: float = 2.0
+    storage_dir: Path = Path("data")
+
+    model: str = "black-forest-labs/FLUX.1-dev"
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    offload: str | None = None
+    adapter_capacity: int = Field(default=8, ge=1)
+    hotswap_rank: int | None = Field(default=64, ge=1)
+    adapter_cache_dir: Path | None = None
+    # Largest image (pixels) a generation worker advertises; None: the library's maximum.
+    worker_max_pixels: int | None = Field(default=None, ge=64 * 64)
+
+    max_queue_depth: int = Field(default=100, ge=1)
+    retry_after_s: int = Field(default=10, ge=1)
+    # With no live worker for the model at all: queue anyway (False) or answer 503 (True).
+    require_live_worker: bool = False
+    job_timeout_s: int = Field(default=3600, ge=1)
+    finetune_timeout_s: int = Field(default=6 * 3600, ge=1)
+    result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)
+
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    # A job whose runner has not refreshed its lease for this long is failed (or retried once).
+    lease_ttl_s: float = Field(default=20.0, gt=0)
+    reaper_interval_s: float = Field(default=5.0, gt=0)
+    retry_orphaned_jobs: bool = False
+    # SIGTERM during a job: finish it within this many seconds, or put it back in the queue.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+
+    max_adapter_bytes: int = Field(default=2 * 1024**3, ge=1024)
+    adapter_import_wait_s: float = Field(default=60.0, ge=0)
+    max_dataset_bytes: int = Field(default=1024**3, ge=1024)
+    max_dataset_uncompressed_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    max_dataset_files: int = Field(default=20000, ge=1)
+    sse_keepalive_s: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _refuse_insecure_defaults(self) -> Settings:
+        if self.key_hashes:
+            return self
+        if not self.dev_open_access:
+            raise InsecureSettingsError(
+                "no API keys configured: set URAE_API_KEYS (or URAE_API_KEY_HASHES), or for local development "
+                "URAE_ENV=development and URAE_DEV_OPEN_ACCESS=true"
+            )
+        if self.env != "development":
+            raise InsecureSettingsError(
+                "URAE_DEV_OPEN_ACCESS=true is only allowed with URAE_ENV=development; configure URAE_API_KEYS"
+            )
+        return self
+
+    @property
+    def key_hashes(self) -> tuple[str, ...]:
+        """SHA-256 hex digests of every accepted API key; the plain keys are not kept elsewhere."""
+        hashes = [hash_api_key(k.strip()) for k in self.api_keys.split(",") if k.strip()]
+        hashes += [h.strip().lower() for h in self.api_key_hashes.split(",") if h.strip()]
+        return tuple(hashes)
+
+    @property
+    def open_access(self) -> bool:
+        return not self.key_hashes and self.dev_open_access and self.env == "development"
+
+    @property
+    def max_pixels(self) -> int:
+        from service.contract import MAX_PIXELS
+
+        return self.worker_max_pixels or MAX_PIXELS
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,194 @@
+"""Shared fixtures: a real redis-server on a free port, settings pointing at it, the API, workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+API_KEY = "test-key-0123456789"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+class RedisServer:
+    """A redis-server process owned by the tests (no persistence, noeviction like production)."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--maxmemory-policy", "noeviction", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The shared server, emptied for each test module."""
+    import redis
+
+    conn = redis.Redis.from_url(redis_server.url)
+    conn.flushall()
+    yield redis_server.url
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def service_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """URAE_* variables for the API and workers of one test module (tiny model, CPU)."""
+    storage = tmp_path_factory.mktemp("storage")
+    return {
+        "URAE_ENV": "production",
+        "URAE_API_KEYS": API_KEY,
+        "URAE_REDIS_URL": redis_url,
+        "URAE_STORAGE_DIR": str(storage),
+        "URAE_MODEL": "tiny",
+        "URAE_DEVICE": "cpu",
+        "URAE_DTYPE": "float32",
+        "URAE_HOTSWAP_RANK": "16",
+        "URAE_ADAPTER_CACHE_DIR": str(storage / "builtin-adapters"),
+        "URAE_HEARTBEAT_INTERVAL_S": "0.5",
+        "URAE_LEASE_TTL_S": "3",
+        "URAE_REAPER_INTERVAL_S": "0.5",
+        "URAE_SHUTDOWN_GRACE_S": "2",
+        "URAE_ADAPTER_IMPORT_WAIT_S": "30",
+    }
+
+
+def make_settings(env: dict[str, str], **overrides: Any) -> Any:
+    from service.settings import Settings
+
+    values = {k.removeprefix("URAE_").lower(): v for k, v in env.items()}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="module")
+def settings(service_env: dict[str, str]) -> Any:
+    return make_settings(service_env)
+
+
+@pytest.fixture(scope="module")
+def client(settings: Any) -> Iterator[Any]:
+    """An in-process API client with a valid key."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+class WorkerProcess:
+    """``python -m worker`` as a real process, with its output kept for failure messages."""
+
+    def __init__(self, env: dict[str, str], args: list[str], log_path: Path):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", *args], cwd=REPO_ROOT, env=full_env,
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def wait_ready(self, redis_url: str, name: str, timeout_s: float = 120.0) -> None:
+        import redis
+
+        from service.contract import worker_key
+
+        conn = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if conn.exists(worker_key(name)):
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.output()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {name} not ready after {timeout_s} s:\n{self.output()}")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def start_worker(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start worker processes (stopped at the end of the module): start_worker("gen-1", "--queues", "generate")."""
+    started: list[WorkerProcess] = []
+    logs = tmp_path_factory.mktemp("worker-logs")
+
+    def start(name: str, *args: str, wait: bool = True, env: dict[str, str] | None = None) -> WorkerProcess:
+        worker = WorkerProcess({**service_env, **(env or {})}, ["--name", name, *args], logs / f"{name}.log")
+        started.append(worker)
+        if wait:
+            worker.wait_ready(service_env["URAE_REDIS_URL"], name)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def auth(key: str = API_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

@@ -1,0 +1,53 @@
+"""The API's bounds and preset sizes are the library's: the two must never drift apart."""
+
+from __future__ import annotations
+
+import pytest
+
+import urae.presets as presets
+import urae.spec as spec
+from service import contract
+
+
+@pytest.mark.parametrize(
+    "name", ["SIZE_MULTIPLE", "MIN_SIDE", "MAX_SIDE", "MAX_PIXELS", "MAX_STEPS", "MAX_GUIDANCE", "MAX_PROMPT_CHARS",
+             "MAX_IMAGES", "MAX_SEED"],
+)
+def test_bounds_equal_the_library(name: str) -> None:
+    assert getattr(contract, name) == getattr(spec, name)
+
+
+def test_aspect_ratios_and_preset_sizes_equal_the_library() -> None:
+    assert contract.ASPECT_RATIOS == presets.ASPECT_RATIOS
+    for preset, long_side in contract.PRESET_LONG_SIDE.items():
+        assert presets.PRESETS[preset].long_side == long_side
+        for ratio in contract.ASPECT_RATIOS:
+            assert contract.preset_size(preset, ratio) == presets.size_for_aspect(long_side, ratio)
+
+
+def test_builtin_adapter_names_equal_the_library() -> None:
+    from urae.adapters import BUILTIN_ADAPTERS
+
+    assert set(contract.BUILTIN_ADAPTERS) == set(BUILTIN_ADAPTERS)
+
+
+def test_adapter_weight_bounds_equal_the_library() -> None:
+    from urae.errors import InvalidSpecError
+
+    low, high = contract.ADAPTER_WEIGHT_RANGE
+    spec.GenerationSpec("p", adapters=(spec.AdapterRef("a", high),)).validate()
+    with pytest.raises(InvalidSpecError):
+        spec.GenerationSpec("p", adapters=(spec.AdapterRef("a", high + 0.01),)).validate()
+    with pytest.raises(InvalidSpecError):
+        spec.GenerationSpec("p", adapters=(spec.AdapterRef("a", low - 0.01),)).validate()
+
+
+def test_service_imports_no_model_code() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, service.app, service.contract, service.records; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'peft', 'urae')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -58,3 +58,67 @@ class TrainingCanceled(UraeError):
 
 class TeacherError(UraeError):
     """The teacher model (remote API or local pipeline) could not produce an image."""
+
+
+class AdapterNotFoundError(AdapterError):
+    """No adapter file at the given path, or no built-in adapter of that name."""
+
+
+class AdapterDownloadError(AdapterError):
+    """A built-in adapter could not be fetched from the model hub."""
+
+
+class NotSafetensorsError(AdapterError):
+    """The file is not a safetensors file (a pickle, .bin or .pt checkpoint is never unpickled)."""
+
+
+class TruncatedAdapterError(AdapterError):
+    """The file ends before the data its header describes."""
+
+
+class HeaderSizeError(AdapterError):
+    """The header length field is absurd or points beyond the end of the file."""
+
+
+class HeaderFormatError(AdapterError):
+    """The header is not valid JSON or does not describe tensors the safetensors way."""
+
+
+class UnknownKeysError(AdapterError):
+    """Tensor names that are neither LoRA nor URAE minor-component keys of a FLUX transformer."""
+
+
+class TensorDtypeError(AdapterError):
+    """A tensor has a dtype other than float16, bfloat16 or float32."""
+
+
+class TensorShapeError(AdapterError):
+    """A tensor has the wrong number of dimensions or an impossible shape."""
+
+
+class RankMismatchError(AdapterError):
+    """The A (down) and B (up) matrices of a module disagree on the rank, or one of them is missing."""
+
+
+class NonFiniteWeightsError(AdapterError):
+    """A tensor contains NaN or infinity."""
+
+
+class BaseModelMismatchError(AdapterError):
+    """The adapter was made for another base model: a module is missing or its shape does not fit."""
+
+
+class AdapterFormatError(AdapterError):
+    """The adapter has the wrong format for this operation (e.g. an unconverted minor-component file)."""
+
+
+class HotswapRankError(AdapterError):
+    """The adapter's rank exceeds the hot-swap target rank the pipeline was prepared with."""
+
+
+class AdapterNotLoadedError(AdapterError):
+    """An adapter name was used that is not resident in the pipeline."""
+
+
+class AdapterLoadError(AdapterError):
+    """A validated adapter still failed to load into the pipeline; it was removed again."""

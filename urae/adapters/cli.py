@@ -1,0 +1,122 @@
+"""``urae convert`` and ``urae inspect``: adapter files from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from urae.adapters.builtin import BUILTIN_ADAPTERS, resolve_adapter
+from urae.adapters.convert import convert_minor_components, default_converted_path
+from urae.adapters.formats import AdapterInfo, inspect_adapter
+from urae.errors import AdapterNotFoundError, ModelLoadError
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``convert`` and ``inspect`` subcommands."""
+    convert = subparsers.add_parser(
+        "convert",
+        help="convert a URAE minor-component adapter into a plain LoRA on the original weights",
+        description="Exact conversion: delta W = B A - B0 A0 (+ the 2K LoRA fused before the SVD split).",
+    )
+    convert.add_argument("source", type=Path, help="minor-component .safetensors file (URAE 4K layout)")
+    convert.add_argument(
+        "--base-lora",
+        default=None,
+        help=f"the LoRA fused before the split: a .safetensors path or a built-in name ({', '.join(BUILTIN_ADAPTERS)})",
+    )
+    convert.add_argument(
+        "--model", default=os.environ.get("URAE_MODEL", DEFAULT_MODEL), help="base model (tiny works offline)"
+    )
+    convert.add_argument(
+        "-o", "--output", type=Path, default=None, help="output file (default: <source>_lora.safetensors)"
+    )
+    convert.set_defaults(func=run_convert)
+
+    inspect = subparsers.add_parser("inspect", help="describe an adapter file: format, rank, targets, fit")
+    inspect.add_argument("file", type=Path, help="adapter .safetensors file")
+    inspect.add_argument("--model", default=None, help="also check that the adapter fits this base model")
+    inspect.set_defaults(func=run_inspect)
+
+
+def load_transformer(model_id: str) -> nn.Module:
+    """The base transformer in float32 on the CPU (conversion needs exact, not fast, arithmetic)."""
+    try:
+        from urae.models import load_pipeline
+    except ModuleNotFoundError as exc:
+        if exc.name != "urae.models":
+            raise
+        from urae.tiny import TINY_MODEL_IDS, build_tiny_pipeline
+
+        if model_id not in TINY_MODEL_IDS:
+            raise ModelLoadError(
+                f"cannot load model {model_id!r}: only the tiny models are available"
+            ) from None
+        pipe: Any = build_tiny_pipeline(model_id)
+    else:
+        pipe = load_pipeline(model_id, device="cpu", dtype=torch.float32)
+    transformer: nn.Module = pipe.transformer
+    return transformer
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    if not args.source.is_file():
+        raise AdapterNotFoundError(f"{args.source}: no such file")
+    base_lora = resolve_adapter(args.base_lora, args.model) if args.base_lora else None
+    transformer = load_transformer(args.model)
+    output = args.output or default_converted_path(args.source)
+    path = convert_minor_components(args.source, transformer, base_lora=base_lora, out_path=output)
+    info = inspect_adapter(path, transformer)
+    print(
+        f"wrote {path}: plain LoRA, rank {info.rank}, {len(info.targets)} modules, {info.num_parameters:,} parameters"
+    )
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    transformer = load_transformer(args.model) if args.model else None
+    info = inspect_adapter(args.file, transformer)
+    print(format_info(info, args.model))
+    return 0 if info.fits_base is not False else 1
+
+
+def summarise_targets(targets: list[str]) -> str:
+    """``38 x single_transformer_blocks.*.attn.to_q, ...``: module names counted over block indices."""
+    counts = Counter(_wildcard_block(t) for t in targets)
+    return ", ".join(f"{n} x {pattern}" for pattern, n in sorted(counts.items()))
+
+
+def _wildcard_block(module: str) -> str:
+    parts = module.split(".")
+    return ".".join("*" if p.isdigit() and i == 1 else p for i, p in enumerate(parts))
+
+
+def format_info(info: AdapterInfo, model_id: str | None) -> str:
+    lines = [
+        f"file:       {info.path}",
+        f"format:     {info.format.value}",
+        f"rank:       {info.rank}",
+        f"targets:    {len(info.targets)} modules: {summarise_targets(info.targets)}",
+        f"parameters: {info.num_parameters:,}",
+        f"sha256:     {info.sha256}",
+    ]
+    if info.fits_base is None:
+        lines.append("base model: not checked (give --model)")
+    elif info.fits_base:
+        lines.append(f"base model: fits {model_id}")
+    else:
+        lines.append(f"base model: does NOT fit {model_id}")
+        lines += [f"  - {p}" for p in info.problems[:10]]
+        if len(info.problems) > 10:
+            lines.append(f"  ... {len(info.problems) - 10} more")
+    for key, value in sorted(info.metadata.items()):
+        if key != "format":
+            lines.append(f"meta {key}: {value if len(value) <= 80 else value[:77] + '...'}")
+    return "\n".join(lines)

@@ -67,7 +67,9 @@ class GenerationSpec:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InvalidSpecError("prompt", "must be a non-empty string")
         if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise InvalidSpecError("prompt", f"is {len(self.prompt)} characters; the maximum is {MAX_PROMPT_CHARS}")
+            raise InvalidSpecError(
+                "prompt", f"is {len(self.prompt)} characters; the maximum is {MAX_PROMPT_CHARS}"
+            )
         for name in ("width", "height"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

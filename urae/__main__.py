@@ -1,0 +1,5 @@
+import sys
+
+from urae.cli import main
+
+sys.exit(main())

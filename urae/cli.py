@@ -1,0 +1,174 @@
+"""The ``urae`` command line: generate, and the subcommands of the adapter and training modules."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from urae.errors import GenerationCanceled, UraeError
+
+# Modules that contribute subcommands through ``add_parsers(subparsers)``.
+SUBCOMMAND_MODULES = ("urae.adapters.cli", "urae.train.cli", "urae.synth.cli", "urae.data.cli")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model/--device/--dtype/--offload, shared by every subcommand that loads FLUX."""
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("URAE_MODEL", "black-forest-labs/FLUX.1-dev"),
+        help="hub id, local diffusers folder, single-file .safetensors, or tiny / tiny-schnell (offline)",
+    )
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--offload", default=None, choices=["model", "sequential"], help="CPU offload mode")
+
+
+def resolve_device_dtype(args: argparse.Namespace) -> tuple[str, str]:
+    device = args.device or default_device()
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    return device, dtype
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate images at 1K/2K/4K with URAE's settings")
+    p.add_argument("prompt")
+    p.add_argument(
+        "--preset", default="1k", help="1k, 2k or 4k (the schnell row is chosen for schnell models)"
+    )
+    p.add_argument("--aspect-ratio", default="1:1", help="W:H at the preset's pixel budget, e.g. 16:9")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--max-sequence-length", type=int)
+    p.add_argument("--ntk-factor", type=float)
+    p.add_argument("--shift", type=float, help="static timestep shift")
+    p.add_argument("--vae-decode", choices=["auto", "full", "tiled"])
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME[:WEIGHT]",
+        help="built-in name (urae-2k, urae-4k) or .safetensors path; repeatable",
+    )
+    p.add_argument("--no-preset-adapter", action="store_true", help="do not apply the preset's URAE adapter")
+    p.add_argument("-o", "--output", type=Path, default=Path("urae.png"))
+    p.add_argument("--format", choices=["png", "jpeg", "webp"], help="default: from the output suffix")
+    add_model_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def output_paths(output: Path, count: int, fmt: str) -> list[Path]:
+    suffix = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}[fmt]
+    base = output if output.suffix else output.with_suffix(suffix)
+    if count == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(count)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from urae.generate import Generator, Progress
+    from urae.output import save_image
+    from urae.presets import resolve_spec
+    from urae.spec import AdapterRef, GenerationSpec
+
+    fmt = args.format or {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(
+        args.output.suffix.lower(), "png"
+    )
+    device, dtype = resolve_device_dtype(args)
+
+    def build_spec(schnell: bool) -> GenerationSpec:
+        return resolve_spec(
+            args.prompt,
+            args.preset,
+            schnell=schnell,
+            aspect_ratio=args.aspect_ratio,
+            preset_adapter=not args.no_preset_adapter,
+            adapters=[AdapterRef.parse(a) for a in args.adapter],
+            width=args.width,
+            height=args.height,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            num_images=args.num_images,
+            max_sequence_length=args.max_sequence_length,
+            ntk_factor=args.ntk_factor,
+            shift=args.shift,
+            vae_decode=args.vae_decode,
+        )
+
+    build_spec(schnell=False)  # bad input fails here, before a model is loaded
+    generator = Generator.load(args.model, device=device, dtype=dtype, offload=args.offload)
+    spec = build_spec(generator.schnell)
+    bar = tqdm(total=spec.steps * spec.num_images, desc=f"{spec.width}x{spec.height}", unit="step")
+
+    def on_progress(event: Progress) -> None:
+        if event.stage == "denoise":
+            bar.update(event.step - bar.n)
+        else:
+            bar.set_postfix_str(event.stage)
+
+    try:
+        result = generator.generate(spec, on_progress=on_progress)
+    finally:
+        bar.close()
+    for path, image, meta in zip(
+        output_paths(args.output, spec.num_images, fmt), result.images, result.metadata, strict=True
+    ):
+        save_image(image, meta, path, fmt)
+        print(f"{path}  seed={meta['seed']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="urae", description="FLUX.1 at 2K/4K with URAE: generate, adapt, convert"
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate(subparsers)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not name.startswith(exc.name):
+                raise
+            continue
+        module.add_parsers(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # transformers warns at import about optional image backends nobody here uses.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except GenerationCanceled as exc:
+        print(f"urae {args.command}: {exc}", file=sys.stderr)
+        return 130
+    except UraeError as exc:
+        print(f"urae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"urae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

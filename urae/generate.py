@@ -1,0 +1,272 @@
+"""Generation with URAE's high-resolution settings on a resident FLUX.1 pipeline.
+
+A :class:`Generator` owns one loaded pipeline and serves many :class:`GenerationSpec` requests:
+per request it activates the requested adapters (hot-swapped, see urae.adapters), applies the
+preset's attention settings and timestep schedule, denoises with per-step progress and cooperative
+cancellation, and decodes with a memory-bounded VAE decode.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from PIL import Image
+
+from urae.attention import apply_high_res_settings
+from urae.errors import GenerationCanceled
+from urae.models import DEFAULT_MODEL, is_schnell, load_pipeline
+from urae.spec import GenerationSpec
+from urae.vae_decode import choose_mode, decode_latents
+
+if TYPE_CHECKING:
+    from urae.adapters.manager import AdapterManager
+
+ProgressCallback = Callable[["Progress"], None]
+CancelCheck = Callable[[], bool]
+AdapterResolver = Callable[[str], Path]
+
+_VERSIONED = ("urae-serve", "torch", "diffusers", "transformers", "peft")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress event: ``stage`` is text_encode, denoise or decode; ``step`` of ``total``."""
+
+    stage: str
+    step: int
+    total: int
+    elapsed: float
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    metadata: list[dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def make_scheduler(base_config: Any, shift: float | None) -> FlowMatchEulerDiscreteScheduler:
+    """The model's own scheduler when ``shift`` is None, else a static-shift one.
+
+    Above the trained length the dynamic shift extrapolates mu (11.55 at 4096 px) and every sigma of
+    the schedule stays ~1.0: the image never denoises. URAE uses a static shift of 3.0 instead.
+    """
+    if shift is None:
+        return FlowMatchEulerDiscreteScheduler.from_config(base_config)
+    return FlowMatchEulerDiscreteScheduler.from_config(base_config, use_dynamic_shifting=False, shift=shift)
+
+
+def timestep_sigmas(base_config: Any, steps: int, image_tokens: int, shift: float | None) -> list[float]:
+    """The sigmas a generation with these settings walks through (what the pipeline computes)."""
+    scheduler = make_scheduler(base_config, shift)
+    mu = calculate_shift(
+        image_tokens,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.15),
+    )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), mu=mu)
+    return [float(s) for s in scheduler.sigmas[:-1]]
+
+
+class Generator:
+    """A resident FLUX.1 pipeline serving generation specs."""
+
+    def __init__(
+        self,
+        pipe: FluxPipeline,
+        model_id: str,
+        adapter_resolver: AdapterResolver | None = None,
+        adapter_capacity: int = 8,
+        hotswap_rank: int | None = None,
+    ):
+        self.pipe = pipe
+        self.model_id = model_id
+        self.schnell = is_schnell(pipe)
+        self._base_scheduler_config = pipe.scheduler.config
+        self._adapter_resolver = adapter_resolver
+        self._adapter_capacity = adapter_capacity
+        self._hotswap_rank = hotswap_rank
+        self._adapters: AdapterManager | None = None
+        pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def load(
+        cls,
+        model_id: str = DEFAULT_MODEL,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "bfloat16",
+        offload: str | None = None,
+        adapter_resolver: AdapterResolver | None = None,
+        adapter_capacity: int = 8,
+        hotswap_rank: int | None = None,
+    ) -> Generator:
+        pipe = load_pipeline(model_id, device=device, dtype=dtype, offload=offload)
+        return cls(pipe, model_id, adapter_resolver, adapter_capacity, hotswap_rank)
+
+    @property
+    def adapters(self) -> AdapterManager:
+        """The adapter cache of this pipeline (created on first use)."""
+        if self._adapters is None:
+            from urae.adapters.manager import AdapterManager
+
+            self._adapters = AdapterManager(
+                self.pipe, capacity=self._adapter_capacity, hotswap_rank=self._hotswap_rank
+            )
+        return self._adapters
+
+    def resolve_adapter(self, name: str) -> Path:
+        if self._adapter_resolver is not None:
+            return self._adapter_resolver(name)
+        from urae.adapters.builtin import resolve_adapter
+
+        return resolve_adapter(name, self.model_id)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    def generate(
+        self,
+        spec: GenerationSpec,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> GenerationResult:
+        """Generate ``spec.num_images`` images; seeds are ``spec.seed + i``.
+
+        Raises GenerationCanceled (before any decode) when ``should_cancel`` returns True at a step
+        boundary.
+        """
+        # 1. Check inputs
+        spec.validate()
+        pipe = self.pipe
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+
+        def report(stage: str, step: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(Progress(stage, step, total, time.perf_counter() - started))
+
+        def check_cancel(step: int) -> None:
+            if should_cancel is not None and should_cancel():
+                raise GenerationCanceled(step, spec.steps)
+
+        # 2. Adapters: load what is missing (cached), then exactly these with these weights
+        adapter_records = self._activate_adapters(spec)
+
+        # 3. Attention settings and timestep schedule of the preset
+        apply_high_res_settings(pipe.transformer, spec.ntk_factor, spec.proportional_attention)
+        pipe.scheduler = make_scheduler(self._base_scheduler_config, spec.shift)
+        check_cancel(0)
+
+        # 4. Encode the prompt (once for all images)
+        report("text_encode", 0, 1)
+        t0 = time.perf_counter()
+        prompt_embeds, pooled_embeds, _ = pipe.encode_prompt(
+            prompt=spec.prompt,
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            max_sequence_length=spec.max_sequence_length,
+        )
+        timings["text_encode"] = time.perf_counter() - t0
+        report("text_encode", 1, 1)
+        check_cancel(0)
+
+        # 5. Denoise and decode each image with its own seed, one at a time: image i is exactly the
+        # image a request with seed + i and num_images 1 gives, and the peak memory is one image's.
+        total = spec.steps * spec.num_images
+        timings["denoise"] = timings["decode"] = 0.0
+        images: list[Image.Image] = []
+        for index in range(spec.num_images):
+            done = index * spec.steps
+
+            # Stop by raising from the step callback: setting pipe._interrupt would only skip the
+            # remaining steps and still decode a half-denoised image.
+            def on_step_end(
+                _pipe: FluxPipeline, i: int, _t: Any, kwargs: dict[str, Any], done: int = done
+            ) -> Any:
+                report("denoise", done + i + 1, total)
+                check_cancel(done + i + 1)
+                return kwargs
+
+            report("denoise", done, total)
+            t0 = time.perf_counter()
+            packed = pipe(
+                prompt_embeds=prompt_embeds,
+                pooled_prompt_embeds=pooled_embeds,
+                height=spec.height,
+                width=spec.width,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance,
+                generator=torch.Generator(device="cpu").manual_seed(spec.seed + index),
+                output_type="latent",
+                callback_on_step_end=on_step_end,
+                max_sequence_length=spec.max_sequence_length,
+            ).images
+            timings["denoise"] += time.perf_counter() - t0
+
+            # 6. Memory-bounded decode
+            report("decode", index, spec.num_images)
+            t0 = time.perf_counter()
+            latents = pipe._unpack_latents(packed, spec.height, spec.width, pipe.vae_scale_factor)
+            decoded = decode_latents(pipe.vae, latents.to(pipe.vae.device), spec.vae_decode)
+            images.extend(pipe.image_processor.postprocess(decoded, output_type="pil"))
+            timings["decode"] += time.perf_counter() - t0
+        report("decode", spec.num_images, spec.num_images)
+
+        metadata = [self._metadata(spec, spec.seed + i, adapter_records) for i in range(spec.num_images)]
+        return GenerationResult(images=images, metadata=metadata, timings=timings)
+
+    def _activate_adapters(self, spec: GenerationSpec) -> list[dict[str, Any]]:
+        if not spec.adapters:
+            if self._adapters is not None:
+                self._adapters.activate([])
+            return []
+        manager = self.adapters
+        for ref in spec.adapters:
+            manager.ensure(ref.name, self.resolve_adapter(ref.name))
+        manager.activate(list(spec.adapters))
+        return [
+            {"name": ref.name, "weight": ref.weight, "sha256": manager.sha256(ref.name)}
+            for ref in spec.adapters
+        ]
+
+    def _metadata(self, spec: GenerationSpec, seed: int, adapters: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "prompt": spec.prompt,
+            "seed": seed,
+            "width": spec.width,
+            "height": spec.height,
+            "steps": spec.steps,
+            "guidance": spec.guidance,
+            "preset": spec.preset,
+            "model": self.model_id,
+            "max_sequence_length": spec.max_sequence_length,
+            "ntk_factor": spec.ntk_factor,
+            "proportional_attention": spec.proportional_attention,
+            "shift": spec.shift,
+            "vae_decode": choose_mode(spec.vae_decode, spec.height, spec.width),
+            "adapters": adapters,
+            "versions": library_versions(),
+        }

@@ -1,0 +1,117 @@
+"""Memory-bounded VAE decoding for 2K/4K latents.
+
+A plain decode holds the decoder's full-resolution feature maps (128 channels x H x W for FLUX's VAE:
+several GB at 4096 px) at once. ``tiled_decode`` decodes overlapping latent tiles one at a time and
+blends each into a preallocated image with linear feathering over the overlap, so the peak is one
+tile's activations plus the output image. Unlike diffusers' ``AutoencoderKL.tiled_decode`` it does
+not keep every decoded tile alive until the end, and it handles any latent shape (odd sizes, sizes
+smaller than a tile).
+
+The VAE decoder contains GroupNorm, whose statistics are taken over the tile rather than the whole
+image, so tiled output differs slightly from a plain decode; large tiles with a wide overlap keep the
+difference small (measured in bench/vae_decode.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL
+
+# Above this many output pixels "auto" decodes in tiles (2K and below decode in one pass).
+AUTO_TILE_ABOVE_PIXELS = 2048 * 2048
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    tile: int = 128  # tile side in latent pixels (1024 px for a scale-8 VAE)
+    overlap: int = 32  # overlap between neighbouring tiles in latent pixels
+
+
+def choose_mode(mode: str, height: int, width: int) -> str:
+    """Resolve ``auto`` into ``full`` or ``tiled`` from the output size."""
+    if mode == "auto":
+        return "tiled" if height * width > AUTO_TILE_ABOVE_PIXELS else "full"
+    if mode not in ("full", "tiled"):
+        raise ValueError(f"vae decode mode {mode!r} is not one of auto, full, tiled")
+    return mode
+
+
+def _positions(length: int, tile: int, stride: int) -> list[int]:
+    """Tile starts covering [0, length) with the last tile flush with the end."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def _ramp(size: int, overlap: int, at_start: bool, at_end: bool, device: torch.device) -> torch.Tensor:
+    """1-D blend weights: linear ramps over the overlap on sides that touch another tile."""
+    weight = torch.ones(size, device=device, dtype=torch.float32)
+    ramp = torch.linspace(0.0, 1.0, overlap + 2, device=device, dtype=torch.float32)[1:-1]
+    n = min(overlap, size)
+    if n and not at_start:
+        weight[:n] = ramp[:n]
+    if n and not at_end:
+        weight[size - n :] = torch.minimum(weight[size - n :], ramp[:n].flip(0))
+    return weight
+
+
+@torch.no_grad()
+def tiled_decode(
+    vae: AutoencoderKL, latents: torch.Tensor, config: TileConfig = TileConfig()
+) -> torch.Tensor:
+    """Decode scaled-and-shifted-back latents (B, C, h, w) into images (B, 3, H, W) in [-1, 1] tile by tile."""
+    if config.overlap * 2 >= config.tile:
+        raise ValueError("overlap must be less than half the tile size")
+    batch, _, lat_h, lat_w = latents.shape
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    tile_h, tile_w = min(config.tile, lat_h), min(config.tile, lat_w)
+    stride_h, stride_w = tile_h - config.overlap, tile_w - config.overlap
+    rows = _positions(lat_h, tile_h, max(stride_h, 1))
+    cols = _positions(lat_w, tile_w, max(stride_w, 1))
+    out = torch.zeros(batch, 3, lat_h * scale, lat_w * scale, dtype=torch.float32, device=latents.device)
+    weights = torch.zeros(lat_h * scale, lat_w * scale, dtype=torch.float32, device=latents.device)
+    for i, top in enumerate(rows):
+        for j, left in enumerate(cols):
+            z = latents[:, :, top : top + tile_h, left : left + tile_w]
+            if vae.config.use_post_quant_conv:
+                z = vae.post_quant_conv(z)
+            tile = vae.decoder(z).float()
+            # Overlap actually shared with the neighbour, in output pixels.
+            ov_h = (rows[i - 1] + tile_h - top) * scale if i > 0 else 0
+            ov_h_next = (top + tile_h - rows[i + 1]) * scale if i + 1 < len(rows) else 0
+            ov_w = (cols[j - 1] + tile_w - left) * scale if j > 0 else 0
+            ov_w_next = (left + tile_w - cols[j + 1]) * scale if j + 1 < len(cols) else 0
+            wy = torch.minimum(
+                _ramp(tile.shape[2], ov_h, at_start=i == 0, at_end=True, device=tile.device),
+                _ramp(tile.shape[2], ov_h_next, at_start=True, at_end=i + 1 == len(rows), device=tile.device),
+            )
+            wx = torch.minimum(
+                _ramp(tile.shape[3], ov_w, at_start=j == 0, at_end=True, device=tile.device),
+                _ramp(tile.shape[3], ov_w_next, at_start=True, at_end=j + 1 == len(cols), device=tile.device),
+            )
+            mask = wy[:, None] * wx[None, :]
+            y0, x0 = top * scale, left * scale
+            out[:, :, y0 : y0 + tile.shape[2], x0 : x0 + tile.shape[3]].addcmul_(tile, mask)
+            weights[y0 : y0 + tile.shape[2], x0 : x0 + tile.shape[3]].add_(mask)
+            del tile
+    out.div_(weights)
+    return out
+
+
+@torch.no_grad()
+def decode_latents(
+    vae: AutoencoderKL, latents: torch.Tensor, mode: str = "auto", config: TileConfig = TileConfig()
+) -> torch.Tensor:
+    """Decode unpacked FLUX latents (B, C, h, w) to images in [-1, 1], undoing scaling and shift."""
+    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    latents = latents.to(vae.dtype)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolved = choose_mode(mode, latents.shape[2] * scale, latents.shape[3] * scale)
+    if resolved == "tiled":
+        return tiled_decode(vae, latents, config)
+    decoder_input = vae.post_quant_conv(latents) if vae.config.use_post_quant_conv else latents
+    return vae.decoder(decoder_input).float()

@@ -176,6 +176,9 @@ class AdapterImportPayload(BaseModel):
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)
     upload: str  # storage key of the uploaded file
     description: str = ""
+    # A minor-component file is converted on top of this adapter (URAE's 4K file: "urae-2k").
+    base_adapter: str | None = Field(default=None, pattern=ADAPTER_NAME_PATTERN)
+    source: str = "upload"
 
 
 class FinetunePayload(BaseModel):

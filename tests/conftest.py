@@ -192,3 +192,60 @@ def start_worker(service_env: dict[str, str], tmp_path_factory: pytest.TempPathF
 
 def auth(key: str = API_KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+class ApiServer:
+    """The API under a real uvicorn on a loopback socket."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.log = open(log_path, "wb")
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "warning"],
+            cwd=REPO_ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.port, 30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def api_server(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    server = ApiServer(service_env, tmp_path_factory.mktemp("api") / "api.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def http(api_server: ApiServer) -> Iterator[Any]:
+    """An httpx client of the uvicorn server, authenticated."""
+    import httpx
+
+    with httpx.Client(base_url=api_server.url, headers=auth(), timeout=30) as c:
+        yield c
+
+
+def wait_for_status(http: Any, job_id: str, statuses: tuple[str, ...] = ("finished", "failed", "canceled"),
+                    timeout_s: float = 60.0) -> dict[str, Any]:
+    """Poll GET /jobs/{id} until the job is in one of ``statuses``."""
+    deadline = time.monotonic() + timeout_s
+    job: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        job = http.get(f"/jobs/{job_id}").json()
+        if job.get("status") in statuses:
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} still {job.get('status')} after {timeout_s} s: {job}")

@@ -1,0 +1,203 @@
+"""``python -m worker`` / ``urae-worker``: run a generation or fine-tune worker.
+
+Generation: one process per GPU; loads the pipeline once and keeps it across jobs (an RQ
+SimpleWorker: jobs run in this process, so the model stays resident). RQ gives such a worker no
+heartbeat during a job and no way to stop one, so this module adds both: a heartbeat thread that
+advertises capabilities and reaps the jobs of dead workers, per-job leases, and a cooperative cancel
+flag read at every denoising step.
+
+Fine-tune: RQ's forking Worker: each training job runs in its own child process, so a crash or an
+out-of-memory kill ends that job (failed, via its lease) and never a generation worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+from rq import SimpleWorker, Worker
+from rq.serializers import JSONSerializer
+
+from service.contract import FINETUNE_QUEUE, GENERATE_QUEUES, JobKind
+from service.records import publish_worker, remove_worker
+from service.settings import InsecureSettingsError, get_settings
+from worker.runtime import Runtime, init_runtime
+
+log = logging.getLogger("urae.worker")
+
+QUEUE_ALIASES = {"generate": list(GENERATE_QUEUES), "finetune": [FINETUNE_QUEUE]}
+
+
+class _GracefulStop:
+    """RQ's SIGTERM handling (finish the current job, then stop) plus a deadline for that job."""
+
+    runtime: Runtime
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        rt = self.runtime
+        if rt.shutdown_deadline is None:
+            rt.shutdown_deadline = time.monotonic() + rt.settings.shutdown_grace_s
+            log.info("shutting down: the current job has %.0f s to finish", rt.settings.shutdown_grace_s)
+        super().request_stop(signum, frame)  # type: ignore[misc]
+
+
+class ResidentWorker(_GracefulStop, SimpleWorker):
+    """Runs jobs in this process, next to the resident model."""
+
+
+class IsolatedWorker(_GracefulStop, Worker):
+    """Runs each job in a forked child process."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="urae-worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queues", default="generate",
+                        help="comma-separated: 'generate' (the three priority queues), 'finetune', or queue names")
+    parser.add_argument("--model", help="model id (default URAE_MODEL); 'tiny' for the offline test model")
+    parser.add_argument("--device", help="torch device (default URAE_DEVICE)")
+    parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default URAE_DTYPE)")
+    parser.add_argument("--max-pixels", type=int, help="largest image this worker accepts (default URAE_WORKER_MAX_PIXELS)")
+    parser.add_argument("--name", help="worker name (default host-pid)")
+    parser.add_argument("--burst", action="store_true", help="stop when the queues are empty")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def resolve_queues(text: str) -> tuple[list[str], JobKind]:
+    names: list[str] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        names += QUEUE_ALIASES.get(part, [part])
+    kind = JobKind.FINETUNE if names == [FINETUNE_QUEUE] else JobKind.GENERATE
+    if FINETUNE_QUEUE in names and kind != JobKind.FINETUNE:
+        raise SystemExit("urae-worker: the finetune queue needs its own worker process (it is isolated)")
+    return names, kind
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = get_settings()
+    except (InsecureSettingsError, ValueError) as exc:
+        print(f"urae-worker: refusing to start: {str(exc).splitlines()[-1].strip()}", file=sys.stderr)
+        raise SystemExit(2) from None
+    overrides = {k: v for k, v in {"model": args.model, "device": args.device, "dtype": args.dtype,
+                                   "worker_max_pixels": args.max_pixels}.items() if v is not None}
+    settings = settings.model_copy(update=overrides)
+    queues, kind = resolve_queues(args.queues)
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    rt = init_runtime(name, settings)
+
+    if kind == JobKind.GENERATE:
+        if not _load_model(rt):
+            raise SystemExit(1)
+    info = {"model": settings.model, "device": settings.device, "pid": os.getpid(), "queues": queues,
+            "kinds": [str(kind)] if kind == JobKind.FINETUNE else [str(JobKind.GENERATE), str(JobKind.ADAPTER_IMPORT)],
+            "max_pixels": settings.max_pixels, "started_at": time.time()}
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(rt, info, stop), name="heartbeat", daemon=True)
+    beat.start()
+    try:
+        _serve(rt, queues, kind, args.burst, args.log_level.upper())
+    finally:
+        stop.set()
+        beat.join(timeout=5)
+        try:
+            remove_worker(rt.conn, name)
+        except redis.RedisError:
+            pass
+
+
+def _load_model(rt: Runtime) -> bool:
+    from urae.errors import UraeError
+    from urae.generate import Generator
+
+    s = rt.settings
+    started = time.monotonic()
+    try:
+        rt.generator = Generator.load(
+            s.model, device=s.device, dtype=s.dtype, offload=s.offload, adapter_resolver=rt.resolve_adapter,
+            adapter_capacity=s.adapter_capacity, hotswap_rank=s.hotswap_rank,
+        )
+        # Create the adapter cache now: hot-swap must be enabled before the first adapter loads.
+        rt.generator.adapters  # noqa: B018
+    except UraeError as exc:
+        print(f"urae-worker: cannot load model {s.model}: {exc}", file=sys.stderr)
+        return False
+    log.info("model %s loaded on %s in %.1f s", s.model, s.device, time.monotonic() - started)
+    return True
+
+
+def _heartbeat(rt: Runtime, info: dict[str, Any], stop: threading.Event) -> None:
+    s = rt.settings
+    # Its own connection: a slow reply to the job thread must not delay the heartbeat, and vice versa.
+    from service.records import JobRecords, connect
+
+    conn = connect(s.redis_url, s.redis_socket_timeout_s)
+    records = JobRecords(conn, s.result_ttl_s)
+    next_reap = 0.0
+    while True:
+        try:
+            adapters = rt.generator._adapters if rt.generator is not None else None
+            publish_worker(conn, rt.name, {
+                **info, "current_job": rt.current_job,
+                "adapter_hits": adapters.hits if adapters is not None else 0,
+                "adapter_misses": adapters.misses if adapters is not None else 0,
+            }, ttl_s=max(s.lease_ttl_s, 3 * s.heartbeat_interval_s))
+            if time.monotonic() >= next_reap:
+                next_reap = time.monotonic() + s.reaper_interval_s
+                for job_id in records.reap_orphans(s.lease_ttl_s, s.retry_orphaned_jobs):
+                    log.warning("job %s lost its worker", job_id)
+        except redis.RedisError as exc:
+            log.warning("heartbeat: Redis unavailable (%s); retrying", type(exc).__name__)
+        if stop.wait(s.heartbeat_interval_s):
+            return
+
+
+def _serve(rt: Runtime, queues: list[str], kind: JobKind, burst: bool, log_level: str) -> None:
+    """Run the RQ loop; reconnect by itself when Redis goes away, stop on SIGTERM/SIGINT."""
+    worker_class = IsolatedWorker if kind == JobKind.FINETUNE else ResidentWorker
+    backoff = 0.5
+    while True:
+        try:
+            rt.conn.ping()
+            # A fresh RQ name per attempt: a registration left behind by a lost connection must not block.
+            worker = worker_class(queues, connection=rt.conn, serializer=JSONSerializer,
+                                  name=f"{rt.name}.{uuid.uuid4().hex[:6]}")
+            worker.runtime = rt  # type: ignore[attr-defined]
+            worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
+            backoff = 0.5
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("Redis unavailable (%s); reconnecting in %.1f s", type(exc).__name__, backoff)
+        if burst or rt.shutdown_deadline is not None:
+            return
+        # work() returns on its own only when Redis failed under it: wait, then start again.
+        if _sleep_interruptible(backoff, rt):
+            return
+        backoff = min(backoff * 2, 10.0)
+
+
+def _sleep_interruptible(seconds: float, rt: Runtime) -> bool:
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        rt.shutdown_deadline = time.monotonic()
+        stopped.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stopped.wait(seconds)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return stopped.is_set()
+

@@ -1,0 +1,285 @@
+"""The job functions RQ runs, by the dotted names in service.contract.JOB_FUNCTIONS.
+
+Each one: takes its lease (the heartbeat while it runs), moves the job queued -> started (or does
+nothing when it was canceled meanwhile), runs, and ends the record in exactly one terminal status
+with a readable reason. Failures are recorded, not raised: the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rq.timeouts import JobTimeoutException
+
+from service.contract import (
+    CONTENT_TYPES,
+    AdapterImportPayload,
+    FinetunePayload,
+    GeneratePayload,
+    JobStatus,
+    adapter_object,
+    dataset_prefix,
+    finetune_work_prefix,
+    image_object,
+    upload_object,
+)
+from service.records import get_adapter, observe_stage, register_adapter
+from worker.runtime import Runtime, runtime
+
+log = logging.getLogger("urae.worker")
+
+
+class JobCanceled(Exception):
+    """The client canceled the job (raised where the library has no cancel exception of its own)."""
+
+
+@contextmanager
+def _running(rt: Runtime, job_id: str, timeout_s: int) -> Iterator[bool]:
+    """Lease + start; yields False when the job must not run (canceled or already taken)."""
+    settings = rt.settings
+    with rt.records.lease(job_id, settings.lease_ttl_s, settings.heartbeat_interval_s):
+        if not rt.records.start(job_id, rt.name):
+            yield False
+            return
+        rt.current_job = job_id
+        try:
+            yield True
+        except JobTimeoutException:
+            rt.records.fail(job_id, f"timed out after {timeout_s} s")
+        finally:
+            rt.current_job = None
+
+
+def _should_stop(rt: Runtime, job_id: str) -> Callable[[], bool]:
+    def check() -> bool:
+        if rt.shutdown_overdue():
+            return True
+        try:
+            return rt.records.cancel_requested(job_id)
+        except Exception:  # Redis blip: keep going, the next step asks again
+            return False
+
+    return check
+
+
+def _fail_unexpected(rt: Runtime, job_id: str, exc: BaseException, timings: dict[str, float] | None = None) -> None:
+    log.exception("job %s failed", job_id)
+    rt.records.fail(job_id, f"internal error: {type(exc).__name__}: {exc}", timings)
+
+
+def run_generate(payload: dict[str, Any]) -> str:
+    """Generate images for a job and write them to storage."""
+    from urae.errors import GenerationCanceled, OutputWriteError, UraeError
+    from urae.output import save_image
+    from urae.presets import resolve_spec
+    from urae.spec import AdapterRef
+
+    rt = runtime()
+    job = GeneratePayload.model_validate(payload)
+    generator = rt.generator
+    if generator is None:
+        raise RuntimeError("run_generate needs a generation worker (python -m worker --queues generate)")
+    record = rt.records.get(job.job_id)
+    with _running(rt, job.job_id, int(record.get("timeout_s", 0))) as ok:
+        if not ok:
+            return "skipped"
+        timings = dict(rt.records.get(job.job_id).get("timings") or {})
+        written: list[str] = []
+        try:
+            spec = resolve_spec(
+                job.prompt, job.preset, schnell=generator.schnell, aspect_ratio=job.aspect_ratio,
+                adapters=tuple(AdapterRef(a.name, a.weight) for a in job.adapters),
+                width=job.width, height=job.height, steps=job.steps, guidance=job.guidance,
+                seed=job.seed, num_images=job.num_images,
+            )
+
+            def on_progress(p: Any) -> None:
+                try:
+                    rt.records.set_progress(job.job_id, {"stage": p.stage, "step": p.step, "total": p.total})
+                except Exception:
+                    log.warning("job %s: progress not published", job.job_id)
+
+            result = generator.generate(spec, on_progress=on_progress, should_cancel=_should_stop(rt, job.job_id))
+            timings.update({k: round(v, 4) for k, v in result.timings.items()})
+            t0 = time.perf_counter()
+            images = []
+            for index, (image, metadata) in enumerate(zip(result.images, result.metadata, strict=True)):
+                key = image_object(job.job_id, index, job.output_format)
+                try:
+                    tmp = rt.storage.temp_path(key)
+                    try:
+                        save_image(image, {**metadata, "job_id": job.job_id}, tmp, job.output_format)
+                        rt.storage.put_file(key, tmp)
+                    finally:
+                        tmp.unlink(missing_ok=True)
+                except OSError as exc:
+                    raise OutputWriteError(f"cannot write image {index}: {exc.strerror or exc}") from exc
+                written.append(key)
+                images.append({
+                    "index": index, "key": key, "url": f"/jobs/{job.job_id}/images/{index}",
+                    "width": image.width, "height": image.height, "seed": metadata["seed"],
+                    "content_type": CONTENT_TYPES[job.output_format],
+                })
+            timings["write"] = round(time.perf_counter() - t0, 4)
+            summary = {"images": images, "seed": job.seed, "preset": spec.preset, "width": spec.width,
+                       "height": spec.height, "steps": spec.steps, "adapters": result.metadata[0]["adapters"]}
+            if rt.records.finish(job.job_id, summary, timings):
+                for stage in ("text_encode", "denoise", "decode", "write"):
+                    if stage in timings:
+                        observe_stage(rt.conn, stage, timings[stage])
+            return JobStatus.FINISHED
+        except GenerationCanceled as exc:
+            if rt.shutdown_overdue():
+                rt.records.requeue(job.job_id, "the worker shut down; the job runs again later")
+                return JobStatus.QUEUED
+            rt.records.cancel_done(job.job_id, f"canceled by request ({exc})", timings)
+            return JobStatus.CANCELED
+        except UraeError as exc:
+            _remove(rt, written)
+            rt.records.fail(job.job_id, str(exc), timings)
+            return JobStatus.FAILED
+        except JobTimeoutException:
+            _remove(rt, written)
+            raise
+        except Exception as exc:
+            _remove(rt, written)
+            _fail_unexpected(rt, job.job_id, exc, timings)
+            return JobStatus.FAILED
+
+
+def _remove(rt: Runtime, keys: list[str]) -> None:
+    # No partial result: a failed job leaves none of its images behind.
+    for key in keys:
+        rt.storage.delete(key)
+
+
+def run_adapter_import(payload: dict[str, Any]) -> str:
+    """Validate an uploaded adapter against the resident model, convert it, register it."""
+    from urae.errors import UraeError
+
+    rt = runtime()
+    job = AdapterImportPayload.model_validate(payload)
+    generator = rt.generator
+    if generator is None:
+        raise RuntimeError("run_adapter_import needs a generation worker (it uses the base weights)")
+    record = rt.records.get(job.job_id)
+    with _running(rt, job.job_id, int(record.get("timeout_s", 0))) as ok:
+        if not ok:
+            return "skipped"
+        try:
+            adapter = register_file(rt, job.name, rt.storage.path(job.upload), generator.pipe.transformer,
+                                    job.base_adapter, job.description, job.source)
+            rt.records.finish(job.job_id, {"adapter": adapter}, {})
+            return JobStatus.FINISHED
+        except UraeError as exc:
+            rt.records.fail(job.job_id, str(exc))
+            return JobStatus.FAILED
+        except JobTimeoutException:
+            raise
+        except Exception as exc:
+            _fail_unexpected(rt, job.job_id, exc)
+            return JobStatus.FAILED
+        finally:
+            rt.storage.delete(job.upload)
+
+
+def register_file(
+    rt: Runtime, name: str, src: Any, transformer: Any, base_adapter: str | None, description: str, source: str
+) -> dict[str, Any]:
+    """Convert ``src`` into the served form under a new version of ``name`` and register it."""
+    from urae.adapters import prepare_for_serving
+
+    version = uuid.uuid4().hex[:12]
+    key = adapter_object(name, version)
+    tmp = rt.storage.temp_path(key)
+    try:
+        base_lora = rt.resolve_adapter(base_adapter) if base_adapter else None
+        info = prepare_for_serving(src, tmp, transformer, base_lora=base_lora)
+        rt.storage.put_file(key, tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    previous = get_adapter(rt.conn, name)
+    adapter = {
+        "name": name, "version": version, "object": key, "rank": info.rank,
+        "size_bytes": rt.storage.path(key).stat().st_size, "source": source, "description": description,
+        "created_at": time.time(), "sha256": info.sha256, "base_model": rt.settings.model,
+    }
+    register_adapter(rt.conn, adapter)
+    if previous is not None and previous.get("object") != key:
+        rt.storage.delete(previous["object"])
+    return adapter
+
+
+def run_finetune(payload: dict[str, Any]) -> str:
+    """Train an adapter on a stored dataset and register it (runs in its own process)."""
+    from urae.errors import TrainingCanceled, UraeError
+    from urae.train import TrainConfig, train
+
+    rt = runtime()
+    job = FinetunePayload.model_validate(payload)
+    record = rt.records.get(job.job_id)
+    with _running(rt, job.job_id, int(record.get("timeout_s", 0))) as ok:
+        if not ok:
+            return "skipped"
+        work = rt.storage.path(finetune_work_prefix(job.job_id))
+        try:
+            config = TrainConfig.from_dict({
+                **job.recipe,
+                "model": rt.settings.model,
+                "dataset": str(rt.storage.path(dataset_prefix(job.dataset))),
+                "output_dir": str(work),
+                "device": rt.settings.device,
+            })
+            started = time.monotonic()
+
+            def on_progress(p: Any) -> None:
+                progress = {"stage": getattr(p, "stage", "train"), "step": p.step, "total": p.total,
+                            "loss": None if p.loss is None else float(p.loss),
+                            "eta_s": None if p.eta_s is None else round(float(p.eta_s), 2)}
+                try:
+                    rt.records.set_progress(job.job_id, progress)
+                except Exception:
+                    log.warning("job %s: progress not published", job.job_id)
+
+            result = train(config, on_progress=on_progress, should_cancel=_should_stop(rt, job.job_id))
+            timings = {"train": round(time.monotonic() - started, 3)}
+            transformer = _training_transformer(result)
+            adapter = register_file(rt, job.adapter_name, result.adapter_path, transformer, None,
+                                    f"fine-tuned on dataset {job.dataset}", "finetune")
+            rt.records.finish(job.job_id, {"adapter": adapter, "steps": result.steps,
+                                           "final_loss": result.final_loss}, timings)
+            return JobStatus.FINISHED
+        except TrainingCanceled as exc:
+            if rt.shutdown_overdue():
+                rt.records.requeue(job.job_id, "the worker shut down; the job runs again later")
+                return JobStatus.QUEUED
+            rt.records.cancel_done(job.job_id, f"canceled by request ({exc})")
+            return JobStatus.CANCELED
+        except UraeError as exc:
+            rt.records.fail(job.job_id, str(exc))
+            return JobStatus.FAILED
+        except JobTimeoutException:
+            raise
+        except Exception as exc:
+            _fail_unexpected(rt, job.job_id, exc)
+            return JobStatus.FAILED
+        finally:
+            rt.storage.delete(finetune_work_prefix(job.job_id))
+
+
+def _training_transformer(result: Any) -> Any:
+    """The base transformer to validate the trained adapter against (loaded once per process)."""
+    from urae.models import load_pipeline
+
+    rt = runtime()
+    if rt.generator is not None:
+        return rt.generator.pipe.transformer
+    return load_pipeline(rt.settings.model, device="cpu", dtype="float32").transformer
+
+
+__all__ = ["run_adapter_import", "run_finetune", "run_generate", "upload_object"]

@@ -1,0 +1,77 @@
+"""What a worker process holds: settings, Redis, storage, and (generation workers) the resident model."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import redis
+
+from service.contract import BUILTIN_ADAPTERS
+from service.records import JobRecords, connect, get_adapter
+from service.settings import Settings, get_settings
+from service.storage import LocalStorage
+
+if TYPE_CHECKING:
+    from urae.generate import Generator
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    name: str
+    conn: redis.Redis
+    records: JobRecords
+    storage: LocalStorage
+    pid: int = field(default_factory=os.getpid)
+    generator: Generator | None = None
+    current_job: str | None = None
+    # Set by SIGTERM: past this monotonic time the running job is stopped and put back in the queue.
+    shutdown_deadline: float | None = None
+
+    def shutdown_overdue(self) -> bool:
+        return self.shutdown_deadline is not None and time.monotonic() >= self.shutdown_deadline
+
+    def resolve_adapter(self, name: str) -> Path:
+        """Adapter name -> local file: built-ins from the library, the rest from the registry."""
+        from urae.adapters import resolve_adapter
+        from urae.errors import AdapterNotFoundError
+
+        if name in BUILTIN_ADAPTERS:
+            return resolve_adapter(name, self.settings.model, self.settings.adapter_cache_dir)
+        record = get_adapter(self.conn, name)
+        if record is None:
+            raise AdapterNotFoundError(f"adapter {name!r} was deleted or was never registered")
+        return self.storage.path(record["object"])
+
+
+_runtime: Runtime | None = None
+
+
+def init_runtime(name: str, settings: Settings | None = None) -> Runtime:
+    """Create the process's runtime (once per process: a forked job process makes its own)."""
+    global _runtime
+    settings = settings or get_settings()
+    conn = connect(settings.redis_url, settings.redis_socket_timeout_s)
+    _runtime = Runtime(
+        settings=settings,
+        name=name,
+        conn=conn,
+        records=JobRecords(conn, settings.result_ttl_s),
+        storage=LocalStorage(settings.storage_dir),
+    )
+    return _runtime
+
+
+def runtime() -> Runtime:
+    """This process's runtime; a forked job process replaces the parent's Redis connection."""
+    global _runtime
+    if _runtime is None:
+        return init_runtime(f"{os.uname().nodename}-{os.getpid()}")
+    if _runtime.pid != os.getpid():
+        parent = _runtime
+        _runtime = init_runtime(parent.name, parent.settings)
+    return _runtime

@@ -1,0 +1,48 @@
+"""Aspect buckets: every training image is resized and center-cropped to the nearest bucket.
+
+URAE's reference buckets are 1:1, 4:3, 2:1 and 4:1 (both orientations) with the longer side at the
+target resolution. Sides are multiples of 64 so that latents pack into 2x2 patches at any VAE scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image
+
+from urae.errors import InvalidSpecError
+
+BUCKET_MULTIPLE = 64
+BUCKET_RATIOS = ((1, 1), (4, 3), (2, 1), (4, 1))
+
+
+def bucket_sizes(long_side: int) -> list[tuple[int, int]]:
+    """(width, height) of every bucket at ``long_side``; landscape and portrait, no duplicates."""
+    if long_side % BUCKET_MULTIPLE or long_side < BUCKET_MULTIPLE:
+        raise InvalidSpecError("resolution", f"{long_side} is not a positive multiple of {BUCKET_MULTIPLE}")
+    sizes: list[tuple[int, int]] = []
+    for a, b in BUCKET_RATIOS:
+        short = max(BUCKET_MULTIPLE, round(long_side * b / a / BUCKET_MULTIPLE) * BUCKET_MULTIPLE)
+        for size in ((long_side, short), (short, long_side)):
+            if size not in sizes:
+                sizes.append(size)
+    return sizes
+
+
+def nearest_bucket(width: int, height: int, long_side: int) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest (in log scale) to the image's."""
+    ratio = math.log(width / height)
+    return min(bucket_sizes(long_side), key=lambda s: abs(math.log(s[0] / s[1]) - ratio))
+
+
+def fit_to_bucket(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize ``image`` to cover ``size`` (keeping its aspect ratio), then crop the center."""
+    width, height = size
+    scale = max(width / image.width, height / image.height)
+    resized = image.convert("RGB").resize(
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+        Image.Resampling.LANCZOS,
+    )
+    left = (resized.width - width) // 2
+    top = (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))

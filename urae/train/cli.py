@@ -32,7 +32,7 @@ def add_parsers(subparsers: Any) -> None:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The raw settings of ``args``: recipe, then flags, then --set overrides (later wins)."""
-    from urae.train.config import load_recipe
+    from urae.train.config import is_string_field, load_recipe
 
     data: dict[str, Any] = {}
     if args.config:
@@ -47,10 +47,14 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise InvalidSpecError("set", f"{item!r} is not of the form key=value")
+        key = key.strip()
+        if is_string_field(key) and raw.strip():
+            data[key] = raw  # verbatim: YAML would turn `no` into false and `1.0` into a number
+            continue
         try:
-            data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            data[key] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
-            raise InvalidSpecError(key.strip(), f"{raw!r} is not a valid value") from None
+            raise InvalidSpecError(key, f"{raw!r} is not a valid value") from None
     return data
 
 

@@ -205,6 +205,11 @@ _FLOAT_FIELDS = (
 _STR_FIELDS = ("model_id", "recipe", "base_adapter", "adapter_kind", "optimizer", "schedule", "timestep_sampling", "mixed_precision", "device")
 
 
+def is_string_field(key: str) -> bool:
+    """True for parameters whose value is text (the CLI then takes --set values verbatim)."""
+    return key in _STR_FIELDS or key in _PATH_FIELDS
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Check a raw value's type (YAML/JSON/CLI input) and convert paths and numbers."""
     if value is None:
@@ -223,6 +228,9 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise InvalidSpecError(key, f"must be a finite number, got {value!r}")
         return float(value)
+    if key == "mixed_precision" and value is False:
+        # YAML 1.1 reads an unquoted `no` as false.
+        return "no"
     if key in _STR_FIELDS:
         if not isinstance(value, str):
             raise InvalidSpecError(key, f"must be a string, got {value!r}")

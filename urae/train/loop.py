@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -434,31 +435,35 @@ def _render_samples(
     device: torch.device,
 ) -> None:
     """Render each sample prompt at the training resolution into output_dir/samples/."""
+    from urae.generate import make_scheduler
+    from urae.vae_decode import decode_latents
+
     folder = config.output_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     scheduler = pipe.scheduler
     if config.resolution > TRAINED_LONG_SIDE:
-        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-            scheduler.config, use_dynamic_shifting=False, shift=SAMPLE_STATIC_SHIFT
-        )
+        pipe.scheduler = make_scheduler(scheduler.config, SAMPLE_STATIC_SHIFT)
     pipe.vae.to(device)
-    pipe.vae.use_tiling = config.resolution > 2048
+    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
     try:
         for index, (embeds, pooled) in enumerate(sample_embeds):
-            dtype = pipe.transformer.dtype
-            image = pipe(
-                prompt_embeds=embeds[None].to(device, dtype),
-                pooled_prompt_embeds=pooled[None].to(device, dtype),
-                height=config.resolution,
-                width=config.resolution,
-                num_inference_steps=config.sample_steps,
-                guidance_scale=config.sample_guidance,
-                generator=torch.Generator().manual_seed(config.seed + index),
-                output_type="pil",
-            ).images[0]
+            with torch.autocast(device.type, dtype=dtype, enabled=config.mixed_precision == "bf16"):
+                packed = pipe(
+                    prompt_embeds=embeds[None].to(device, dtype),
+                    pooled_prompt_embeds=pooled[None].to(device, dtype),
+                    height=config.resolution,
+                    width=config.resolution,
+                    num_inference_steps=config.sample_steps,
+                    guidance_scale=config.sample_guidance,
+                    generator=torch.Generator().manual_seed(config.seed + index),
+                    output_type="latent",
+                ).images
+            latents = FluxPipeline._unpack_latents(packed, config.resolution, config.resolution, pipe.vae_scale_factor)
+            pixels = decode_latents(pipe.vae, latents.float())[0]
+            array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
             path = folder / f"step-{step:06d}-{index}.png"
             tmp = path.with_name(path.name + ".tmp")
-            image.save(tmp, format="PNG")
+            Image.fromarray(array).save(tmp, format="PNG")
             os.replace(tmp, path)
     finally:
         pipe.vae.to("cpu")

@@ -1,0 +1,285 @@
+"""URAE training on the tiny model: loss goes down, SVD init is exact, export is exact, resume is exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from urae.errors import DatasetError, InvalidSpecError, TrainingCanceled
+from urae.tiny import build_tiny_pipeline
+from urae.train import TrainConfig, TrainProgress, load_recipe, train
+from urae.train.adapter_layers import fuse_lora, install_adapters, load_trainable_state, resolve_targets
+from urae.train.checkpoints import list_checkpoints, load_checkpoint
+from urae.train.flow_matching import flow_matching_loss
+
+
+def make_dataset(folder: Path, sizes: list[tuple[int, int]]) -> Path:
+    """Deterministic striped images with JSON captions (prompt + generated prompt)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(sizes):
+        y, x = np.mgrid[0:h, 0:w]
+        pixels = np.stack([(x * (i + 1) * 2) % 256, (y * 3) % 256, ((x + y) * (i + 2)) % 256], -1)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img{i}.png")
+        caption = {"prompt": f"pattern {i}", "generated_prompt": f"a colorful stripe pattern number {i}"}
+        (folder / f"img{i}.json").write_text(json.dumps(caption))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", [(128, 128), (128, 96), (96, 128), (128, 128)])
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Shared by the tests: the cache is keyed by a fingerprint, so runs with equal data reuse it.
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_config(dataset: Path, output: Path, cache_dir: Path, **overrides: object) -> TrainConfig:
+    data: dict[str, object] = {
+        "model_id": "tiny",
+        "dataset_dir": str(dataset),
+        "output_dir": str(output),
+        "cache_dir": str(cache_dir),
+        "adapter_kind": "lora",
+        "rank": 4,
+        "resolution": 128,
+        "max_sequence_length": 64,
+        "steps": 6,
+        "learning_rate": 1e-2,
+        "mixed_precision": "no",
+        "gradient_checkpointing": False,
+        "device": "cpu",
+        "checkpoint_every": 0,
+        "sample_every": 0,
+        "progress_bar": False,
+    }
+    data.update(overrides)
+    return TrainConfig.from_dict(data)
+
+
+def fixed_eval_loss(transformer: torch.nn.Module, seed: int = 123) -> float:
+    """Flow-matching loss of the training image 0 on fixed noise and noise levels."""
+    from urae.data.cache import encode_posterior, encode_prompt
+
+    pipe = build_tiny_pipeline("tiny")
+    with Image.open(EVAL_IMAGE[0]) as img:
+        mean, _ = encode_posterior(pipe.vae, img.convert("RGB"))
+    embeds, pooled = encode_prompt(pipe, EVAL_IMAGE[1], 64)
+    latents = (mean[None] - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        for sigma in (0.2, 0.5, 0.8):
+            noise = torch.randn(latents.shape, generator=generator)
+            total += float(
+                flow_matching_loss(transformer, latents, embeds[None], pooled[None], torch.tensor([sigma]), noise, 1.0)
+            )
+    return total / 3
+
+
+EVAL_IMAGE: list = []
+
+
+def test_lora_training_lowers_the_loss_and_the_export_carries_it(dataset: Path, cache_dir: Path, tmp_path: Path) -> None:
+    EVAL_IMAGE[:] = [dataset / "img0.png", "a colorful stripe pattern number 0"]
+    config = tiny_config(dataset, tmp_path / "out", cache_dir, steps=40, seed=1)
+    seen: list[TrainProgress] = []
+    result = train(config, on_progress=seen.append)
+
+    losses = [json.loads(line)["loss"] for line in result.loss_log.read_text().splitlines()]
+    assert len(losses) == 40
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10])
+    assert {p.stage for p in seen} == {"cache", "train", "export"}
+    assert [p.step for p in seen if p.stage == "train"] == list(range(1, 41))
+
+    # The exported plain LoRA, loaded on a fresh base model, fits the data better than the base.
+    base = build_tiny_pipeline("tiny")
+    before = fixed_eval_loss(base.transformer)
+    base.load_lora_weights(str(result.adapter_path))
+    after = fixed_eval_loss(base.transformer)
+    assert after < 0.9 * before
+
+
+def test_minor_component_init_reproduces_the_original_model() -> None:
+    pipe = build_tiny_pipeline("tiny")
+    transformer = pipe.transformer
+    original = {n: p.detach().clone() for n, p in transformer.named_parameters()}
+    inputs = transformer_inputs()
+    with torch.no_grad():
+        expected = transformer(**inputs, return_dict=False)[0]
+    paths = resolve_targets(transformer, "urae")
+    assert len(paths) == 2 * 4 + 2 * 3  # to_q/k/v/out.0 of the double blocks, to_q/k/v of the single ones
+    layers = install_adapters(transformer, "minor_components", paths, rank=4)
+    for path, layer in layers.items():
+        rebuilt = layer.base_layer.weight + layer.lora_B @ layer.lora_A
+        torch.testing.assert_close(rebuilt, original[f"{path}.weight"], atol=1e-6, rtol=0)
+        # The base keeps the major part: it really changed.
+        assert (layer.base_layer.weight - original[f"{path}.weight"]).abs().max() > 1e-4
+    with torch.no_grad():
+        actual = transformer(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def transformer_inputs(seed: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(1, 64, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, 12, 32, generator=g),
+        "pooled_projections": torch.randn(1, 32, generator=g),
+        "timestep": torch.tensor([0.6]),
+        "img_ids": torch.stack(torch.meshgrid(torch.zeros(8), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1)
+        .reshape(-1, 3)[:64],
+        "txt_ids": torch.zeros(12, 3),
+        "guidance": torch.tensor([3.5]),
+    }
+
+
+def test_minor_component_export_on_a_fused_base_is_exact(dataset: Path, cache_dir: Path, tmp_path: Path) -> None:
+    # URAE's 4K setup in small: start from the base with the (tiny) 2K LoRA fused, train minor
+    # components, export one plain LoRA for the ORIGINAL weights.
+    config = tiny_config(
+        dataset, tmp_path / "out", cache_dir, adapter_kind="minor_components", base_adapter="urae-2k", steps=5
+    )
+    result = train(config)
+    with safe_open(str(result.adapter_path), framework="pt") as f:
+        metadata = f.metadata()
+        rank = f.get_tensor("transformer.transformer_blocks.0.attn.to_q.lora_A.weight").shape[0]
+    assert metadata["base_model"] == "tiny" and metadata["steps"] == "5" and metadata["adapter_kind"] == "minor_components"
+    assert len(metadata["data_hash"]) == 16
+    assert rank == 4 + 4 + 16  # B A, -B0 A0 and the fused 2K LoRA (rank 16)
+
+    # The trained model, rebuilt exactly as training built it, from its final checkpoint.
+    from urae.adapters.builtin import resolve_adapter
+    from urae.adapters.formats import load_adapter_layers
+
+    trained = build_tiny_pipeline("tiny").transformer
+    fuse_lora(trained, load_adapter_layers(resolve_adapter("urae-2k", "tiny"))[1])
+    layers = install_adapters(trained, "minor_components", resolve_targets(trained, "urae"), rank=4)
+    step, folder = list_checkpoints(config.output_dir)[-1]
+    assert step == 5
+    load_trainable_state(layers, load_checkpoint(folder)[0])
+    assert any((layer.lora_A - layer.initial_A).abs().max() > 1e-6 for layer in layers.values())
+
+    fresh = build_tiny_pipeline("tiny")
+    fresh.load_lora_weights(str(result.adapter_path))
+    inputs = transformer_inputs()
+    with torch.no_grad():
+        expected = trained(**inputs, return_dict=False)[0]
+        actual = fresh.transformer(**inputs, return_dict=False)[0]
+        plain = build_tiny_pipeline("tiny").transformer(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+    assert (plain - expected).abs().max() > 1e-3  # the adapter matters, so the comparison means something
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
+def test_resume_after_cancel_equals_an_uninterrupted_run(
+    dataset: Path, cache_dir: Path, tmp_path: Path, optimizer: str
+) -> None:
+    if optimizer == "prodigy":
+        pytest.importorskip("prodigyopt")
+    settings = {"steps": 6, "optimizer": optimizer, "schedule": "cosine", "warmup": 1, "checkpoint_every": 2, "learning_rate": None if optimizer == "prodigy" else 1e-2}
+    straight = train(tiny_config(dataset, tmp_path / "straight", cache_dir, **settings))
+
+    config = tiny_config(dataset, tmp_path / "resumed", cache_dir, **settings)
+    done: list[int] = []
+    with pytest.raises(TrainingCanceled) as canceled:
+        train(config, on_progress=lambda p: done.append(p.step) if p.stage == "train" else None, should_cancel=lambda: len(done) >= 3)
+    assert canceled.value.step == 3
+    assert [s for s, _ in list_checkpoints(config.output_dir)] == [2, 3]
+    resumed = train(config)
+
+    straight_log = [json.loads(line) for line in straight.loss_log.read_text().splitlines()]
+    resumed_log = [json.loads(line) for line in resumed.loss_log.read_text().splitlines()]
+    assert [e["step"] for e in resumed_log] == list(range(1, 7))
+    for a, b in zip(straight_log, resumed_log, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6
+    with safe_open(str(straight.adapter_path), framework="pt") as f1, safe_open(str(resumed.adapter_path), framework="pt") as f2:
+        for key in f1.keys():
+            torch.testing.assert_close(f1.get_tensor(key), f2.get_tensor(key), atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_settings(dataset: Path, cache_dir: Path, tmp_path: Path) -> None:
+    train(tiny_config(dataset, tmp_path / "out", cache_dir, steps=2))
+    with pytest.raises(InvalidSpecError, match="rank"):
+        train(tiny_config(dataset, tmp_path / "out", cache_dir, steps=4, rank=2))
+
+
+def test_bad_dataset_is_reported_before_any_training(tmp_path: Path) -> None:
+    folder = make_dataset(tmp_path / "ds", [(128, 128), (128, 128)])
+    (folder / "img1.json").unlink()
+    config = tiny_config(folder, tmp_path / "out", tmp_path / "cache")
+    with pytest.raises(DatasetError, match="img1.png"):
+        train(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_samples_bf16_checkpointing_and_high_res_attention_run(dataset: Path, tmp_path: Path) -> None:
+    config = tiny_config(
+        dataset,
+        tmp_path / "out",
+        tmp_path / "cache",
+        steps=2,
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+        ntk_factor=10.0,
+        proportional_attention=True,
+        sample_every=2,
+        sample_steps=2,
+        sample_prompts=["a stripe pattern"],
+    )
+    result = train(config)
+    assert np.isfinite(result.final_loss)
+    with Image.open(tmp_path / "out" / "samples" / "step-000002-0.png") as sample:
+        assert sample.size == (128, 128)
+
+
+def test_config_validation_names_the_field() -> None:
+    base = {"dataset_dir": "d", "output_dir": "o"}
+    with pytest.raises(InvalidSpecError) as err:
+        TrainConfig.from_dict({**base, "learning_rat": 1.0})
+    assert err.value.field == "learning_rat"
+    for key, value in [("rank", 0), ("optimizer", "sgd"), ("resolution", 1000), ("real_prompt_ratio", 1.5), ("steps", "10")]:
+        with pytest.raises(InvalidSpecError) as err:
+            TrainConfig.from_dict({**base, key: value})
+        assert err.value.field == key
+    with pytest.raises(InvalidSpecError, match="alpha"):
+        TrainConfig.from_dict({**base, "adapter_kind": "minor_components", "alpha": 32})
+    with pytest.raises(InvalidSpecError, match="dataset_dir"):
+        TrainConfig.from_dict({"output_dir": "o"})
+    config = TrainConfig.from_dict(base)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert (config.rank, config.targets, config.guidance, config.resolution) == (16, "urae", 1.0, 2048)
+
+
+def test_recipes_follow_the_paper() -> None:
+    two_k = TrainConfig.from_dict({**load_recipe("urae-2k"), "dataset_dir": "d", "output_dir": "o"})
+    assert (two_k.adapter_kind, two_k.rank, two_k.lora_scale, two_k.targets) == ("lora", 16, 1.0, "urae")
+    assert (two_k.optimizer, two_k.effective_learning_rate, two_k.schedule, two_k.grad_clip) == ("prodigy", 1.0, "constant", 1.0)
+    assert (two_k.mixed_precision, two_k.gradient_checkpointing, two_k.steps, two_k.resolution) == ("bf16", True, 2000, 2048)
+    four_k = TrainConfig.from_dict({**load_recipe("urae-4k"), "dataset_dir": "d", "output_dir": "o"})
+    assert (four_k.adapter_kind, four_k.rank, four_k.base_adapter, four_k.steps) == ("minor_components", 16, "urae-2k", 10000)
+    assert (four_k.ntk_factor, four_k.proportional_attention, four_k.resolution, four_k.guidance) == (10.0, True, 4096, 1.0)
+    with pytest.raises(InvalidSpecError, match="urae-2k"):
+        load_recipe("urae-8k")
+
+
+def test_train_cli_takes_a_recipe_with_overrides(dataset: Path, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from urae.cli import main
+
+    argv = ["train", "--config", "urae-2k", "--dataset", str(dataset), "--output", str(tmp_path / "out"), "--model", "tiny", "--steps", "2"]
+    sets = {"rank": 2, "resolution": 128, "max_sequence_length": 64, "mixed_precision": "no", "device": "cpu", "gradient_checkpointing": "false", "progress_bar": "false", "sample_every": 0, "cache_dir": str(cache_dir)}
+    argv += [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+    assert main(argv) == 0
+    with safe_open(str(tmp_path / "out" / "adapter.safetensors"), framework="pt") as f:
+        assert f.metadata()["recipe"] == "urae-2k"
+        assert f.get_tensor("transformer.single_transformer_blocks.1.attn.to_v.lora_A.weight").shape[0] == 2
+    assert main(argv[:9] + ["--set", "rnak=2"]) == 2
+    assert "rnak: is not a training parameter" in capsys.readouterr().err

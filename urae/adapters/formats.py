@@ -122,8 +122,10 @@ def _check_not_pickle(path: Path, head: bytes) -> None:
             path,
             f"{path.suffix} checkpoints are pickles and are never loaded; use a .safetensors file",
         )
-    # torch.save writes a zip archive; plain pickles start with the PROTO opcode 0x80.
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    # torch.save writes a zip archive; plain pickles start with the PROTO opcode 0x80. A safetensors
+    # length field can start with the same bytes, but its JSON header then begins at byte 8.
+    looks_pickled = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    if looks_pickled and head[8:9] != b"{":
         raise _fail(
             NotSafetensorsError,
             path,
@@ -138,8 +140,10 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise _fail(AdapterNotFoundError, path, "no such file")
     size = path.stat().st_size
     with path.open("rb") as f:
-        head = f.read(8)
+        head = f.read(9)
         _check_not_pickle(path, head)
+        f.seek(8)
+        head = head[:8]
         if size < 8:
             raise _fail(
                 TruncatedAdapterError, path, f"file is {size} bytes, too short to hold a safetensors header"

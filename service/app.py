@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from service.admission import ApiError
 from service.records import JobRecords, connect
-from service.routers import adapters, finetune, generate, health, jobs
+from service.routers import adapters, finetune, generate, health, jobs, playground
 from service.settings import Settings, get_settings
 from service.storage import LocalStorage, StorageKeyError
 
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.redis.close()
 
     app = FastAPI(title="urae-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    for router in (generate.router, jobs.router, adapters.router, finetune.router, health.router):
+    for router in (generate.router, jobs.router, adapters.router, finetune.router, health.router, playground.router):
         app.include_router(router)
     _install_error_handlers(app)
     return app

@@ -1,0 +1,343 @@
+// The urae-serve playground: plain browser JavaScript over the public HTTP API.
+// The job event stream is read with fetch() and a stream reader, not EventSource, because
+// EventSource cannot send the Authorization header.
+"use strict";
+
+const KEY_STORAGE = "urae.apiKey";
+const JOBS_STORAGE = "urae.recentJobs";
+const MAX_REMEMBERED_JOBS = 24;
+const TERMINAL = new Set(["finished", "failed", "canceled"]);
+
+const $ = (id) => document.getElementById(id);
+let apiKey = localStorage.getItem(KEY_STORAGE) || "";
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(detail);
+    this.status = status;
+  }
+}
+
+function authHeaders(extra = {}) {
+  return apiKey ? { ...extra, Authorization: `Bearer ${apiKey}` } : extra;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
+  if (response.status === 401) {
+    showKeyForm("This server needs an API key.");
+    throw new ApiError(401, "an API key is needed: enter it above");
+  }
+  if (!response.ok && response.status !== 503) {
+    let detail = `${response.status} ${response.statusText}`;
+    try {
+      detail = (await response.json()).detail || detail;
+    } catch (_) { /* not JSON */ }
+    throw new ApiError(response.status, detail);
+  }
+  return response;
+}
+
+// -- access and server state ------------------------------------------------------------------------
+function showKeyForm(reason) {
+  $("key-form").hidden = false;
+  $("message").textContent = reason || "";
+}
+
+async function refreshServer() {
+  const pill = $("server-status");
+  try {
+    const response = await api("/ready");
+    const body = await response.json();
+    if (response.status === 200) {
+      pill.textContent = `${body.model} · ${body.live_workers} worker${body.live_workers === 1 ? "" : "s"}`;
+      pill.className = "pill ready";
+    } else {
+      pill.textContent = body.detail || "not ready";
+      pill.className = "pill down";
+    }
+    return true;
+  } catch (err) {
+    pill.textContent = err.status === 401 ? "API key needed" : "server unreachable";
+    pill.className = "pill down";
+    return false;
+  }
+}
+
+async function loadAdapters() {
+  const list = $("adapter-list");
+  try {
+    const body = await (await api("/adapters")).json();
+    list.textContent = "";
+    list.className = "";
+    for (const adapter of body.adapters) {
+      const row = document.createElement("label");
+      row.className = "adapter";
+      row.innerHTML = '<input type="checkbox"><span class="name"></span>' +
+        '<input type="number" class="weight" min="-4" max="4" step="0.05" value="1" title="weight">';
+      row.querySelector(".name").textContent = adapter.name;
+      row.querySelector(".name").title = adapter.description || "";
+      row.dataset.name = adapter.name;
+      list.appendChild(row);
+    }
+    if (!body.adapters.length) list.textContent = "no adapters registered";
+  } catch (err) {
+    list.textContent = err.message;
+  }
+}
+
+async function connect() {
+  if (await refreshServer()) {
+    $("message").textContent = "";
+    await loadAdapters();
+    await restoreJobs();
+  }
+}
+
+// -- the request ------------------------------------------------------------------------------------
+function numberOrNull(id) {
+  const text = $(id).value.trim();
+  return text === "" ? null : Number(text);
+}
+
+function buildRequest() {
+  const body = {
+    prompt: $("prompt").value,
+    num_images: numberOrNull("num-images") || 1,
+    output_format: $("output-format").value,
+    priority: $("priority").value,
+  };
+  if ($("preset").value === "custom") {
+    body.width = numberOrNull("width");
+    body.height = numberOrNull("height");
+  } else {
+    body.preset = $("preset").value;
+    body.aspect_ratio = $("aspect-ratio").value;
+  }
+  for (const [field, id] of [["steps", "steps"], ["guidance", "guidance"], ["seed", "seed"]]) {
+    const value = numberOrNull(id);
+    if (value !== null) body[field] = value;
+  }
+  body.adapters = [...document.querySelectorAll("#adapter-list .adapter")]
+    .filter((row) => row.querySelector("input[type=checkbox]").checked)
+    .map((row) => ({ name: row.dataset.name, weight: Number(row.querySelector(".weight").value) }));
+  return body;
+}
+
+async function submit(event) {
+  event.preventDefault();
+  const button = $("submit");
+  button.disabled = true;
+  $("message").textContent = "";
+  try {
+    const response = await api("/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(buildRequest()),
+    });
+    const job = await response.json();
+    rememberJob(job.id, $("prompt").value);
+    follow(addCard(job, $("prompt").value), job);
+  } catch (err) {
+    $("message").textContent = err.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// -- job cards --------------------------------------------------------------------------------------
+function addCard(job, prompt) {
+  const card = $("job-template").content.firstElementChild.cloneNode(true);
+  card.dataset.jobId = job.id;
+  card.querySelector(".prompt-text").textContent = prompt || job.id;
+  card.querySelector(".prompt-text").title = prompt || "";
+  card.querySelector(".cancel").addEventListener("click", () => cancel(card));
+  $("gallery").prepend(card);
+  $("empty-gallery").hidden = true;
+  setStatus(card, job.status);
+  return card;
+}
+
+function setStatus(card, status) {
+  card.dataset.status = status;
+  card.querySelector(".status").textContent = status;
+  card.querySelector(".cancel").hidden = TERMINAL.has(status);
+  if (status === "started" && card.querySelector(".progress").value === 0) {
+    card.querySelector(".progress-label").textContent = "starting";
+  }
+}
+
+// Overall percentage: the denoising loop is most of the work, the VAE decode the rest.
+function percent(progress) {
+  const fraction = progress.total ? progress.step / progress.total : 0;
+  if (progress.stage === "text_encode") return 2;
+  if (progress.stage === "denoise") return Math.round(5 + 85 * fraction);
+  if (progress.stage === "decode") return Math.round(90 + 9 * fraction);
+  return Math.round(99 * fraction);
+}
+
+function setProgress(card, progress) {
+  const bar = card.querySelector(".progress");
+  bar.value = Math.max(bar.value, percent(progress));
+  const label = progress.stage.replace("_", " ");
+  card.querySelector(".progress-label").textContent = `${label} ${progress.step}/${progress.total}`;
+}
+
+async function cancel(card) {
+  const button = card.querySelector(".cancel");
+  button.disabled = true;
+  try {
+    await api(`/jobs/${card.dataset.jobId}`, { method: "DELETE" });
+    card.querySelector(".progress-label").textContent = "canceling…";
+  } catch (err) {
+    card.querySelector(".error").textContent = err.message;
+    button.disabled = false;
+  }
+}
+
+function parseEvent(block) {
+  let name = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event:")) name = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(5).trim());
+  }
+  return data.length ? { name, data: JSON.parse(data.join("\n")) } : null;
+}
+
+async function follow(card, job) {
+  if (!TERMINAL.has(job.status)) {
+    try {
+      const response = await api(`/jobs/${job.id}/events`, { headers: { Accept: "text/event-stream" } });
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value.replace(/\r\n/g, "\n");
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const event = parseEvent(buffer.slice(0, end));
+          buffer = buffer.slice(end + 2);
+          if (!event) continue;
+          if (event.name === "progress") setProgress(card, event.data);
+          else if (event.name === "status") setStatus(card, event.data.status);
+        }
+      }
+    } catch (err) {
+      card.querySelector(".error").textContent = `event stream lost (${err.message}); showing the last state`;
+    }
+  }
+  // The stream ends after the terminal status; the job record has the result and the timings.
+  try {
+    const final = await (await api(`/jobs/${job.id}`)).json();
+    await showResult(card, final);
+  } catch (err) {
+    card.querySelector(".error").textContent = err.message;
+  }
+}
+
+async function showResult(card, job) {
+  setStatus(card, job.status);
+  if (job.progress) setProgress(card, job.progress);
+  if (job.status === "finished") {
+    card.querySelector(".progress").value = 100;
+    card.querySelector(".progress-label").textContent = "done";
+  } else if (!TERMINAL.has(job.status)) {
+    return follow(card, job);
+  }
+  if (job.error) card.querySelector(".error").textContent = job.error;
+  const result = job.result || {};
+  const meta = card.querySelector(".meta");
+  meta.textContent = "";
+  const rows = [
+    ["size", result.width ? `${result.width}×${result.height}` : null],
+    ["preset", result.preset],
+    ["seed", result.seed],
+    ["steps", result.steps],
+    ["adapters", (result.adapters || []).map((a) => `${a.name ?? a[0]}:${a.weight ?? a[1]}`).join(", ") || null],
+    ["time", Object.keys(job.timings || {}).length
+      ? Object.entries(job.timings).map(([k, v]) => `${k} ${Number(v).toFixed(2)}s`).join(", ") : null],
+    ["job", job.id],
+  ];
+  for (const [term, value] of rows) {
+    if (value === null || value === undefined || value === "") continue;
+    const dt = document.createElement("dt");
+    const dd = document.createElement("dd");
+    dt.textContent = term;
+    dd.textContent = String(value);
+    meta.append(dt, dd);
+  }
+  const results = card.querySelector(".results");
+  results.textContent = "";
+  for (const image of result.images || []) {
+    // Image URLs need the Authorization header too, so they are fetched and shown as blob URLs.
+    const response = await api(image.url);
+    const url = URL.createObjectURL(await response.blob());
+    const img = document.createElement("img");
+    img.alt = `image ${image.index} of job ${job.id}`;
+    img.src = url;
+    const link = document.createElement("a");
+    link.className = "download";
+    link.href = url;
+    link.download = `${job.id}-${image.index}.${image.key.split(".").pop()}`;
+    link.textContent = `Download ${image.width}×${image.height} ${image.content_type.split("/")[1].toUpperCase()}`;
+    results.append(img, link);
+  }
+}
+
+// -- the gallery survives a reload --------------------------------------------------------------------
+function rememberJob(id, prompt) {
+  const jobs = JSON.parse(localStorage.getItem(JOBS_STORAGE) || "[]").filter((j) => j.id !== id);
+  jobs.unshift({ id, prompt });
+  localStorage.setItem(JOBS_STORAGE, JSON.stringify(jobs.slice(0, MAX_REMEMBERED_JOBS)));
+}
+
+async function restoreJobs() {
+  const jobs = JSON.parse(localStorage.getItem(JOBS_STORAGE) || "[]");
+  const kept = [];
+  for (const { id, prompt } of jobs.slice().reverse()) {
+    if (document.querySelector(`.job[data-job-id="${id}"]`)) continue;
+    try {
+      const job = await (await api(`/jobs/${id}`)).json();
+      kept.unshift({ id, prompt });
+      showResult(addCard(job, prompt), job);
+    } catch (_) { /* expired or from another server */ }
+  }
+  localStorage.setItem(JOBS_STORAGE, JSON.stringify(kept));
+}
+
+// -- wiring -----------------------------------------------------------------------------------------
+function syncSizeFields() {
+  const custom = $("preset").value === "custom";
+  for (const el of document.querySelectorAll(".custom-size")) el.hidden = !custom;
+  $("aspect-field").hidden = custom;
+}
+
+function init() {
+  // urae-serve prints a link with the key in the fragment: the fragment never reaches the server.
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  if (fragment.get("key")) {
+    apiKey = fragment.get("key");
+    localStorage.setItem(KEY_STORAGE, apiKey);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  $("api-key").value = apiKey;
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    apiKey = $("api-key").value.trim();
+    localStorage.setItem(KEY_STORAGE, apiKey);
+    $("key-form").hidden = true;
+    connect();
+  });
+  $("generate-form").addEventListener("submit", submit);
+  $("preset").addEventListener("change", syncSizeFields);
+  $("random-seed").addEventListener("click", () => {
+    $("seed").value = Math.floor(Math.random() * 2 ** 32);
+  });
+  syncSizeFields();
+  connect();
+  setInterval(refreshServer, 15000);
+}
+
+init();

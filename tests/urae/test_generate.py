@@ -152,3 +152,16 @@ def test_same_seed_gives_identical_pixels_in_two_processes(tiny_generator):
     )
     local = hashlib.sha256(np.asarray(here.images[0]).tobytes()).hexdigest()
     assert digests[0] == digests[1] == local
+
+
+@pytest.mark.slow
+def test_4k_preset_end_to_end_with_the_urae_4k_adapter(tiny_generator, tmp_path):
+    spec = resolve_spec("a mountain lake at sunrise", "4k", steps=2, seed=1)
+    events: list[Progress] = []
+    result = tiny_generator.generate(spec, on_progress=events.append)
+    assert result.images[0].size == (4096, 4096)
+    meta = result.metadata[0]
+    assert meta["vae_decode"] == "tiled" and meta["shift"] == 3.0 and meta["ntk_factor"] == 10.0
+    assert [a["name"] for a in meta["adapters"]] == ["urae-4k"] and len(meta["adapters"][0]["sha256"]) == 64
+    path = save_image(result.images[0], meta, tmp_path / "lake.png")
+    assert read_metadata(path) == meta

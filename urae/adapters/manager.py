@@ -6,6 +6,7 @@ file leaves the resident model and the other adapters exactly as they were.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from urae.adapters.formats import file_sha256, load_lora_state_dict
 from urae.errors import (
@@ -190,8 +192,15 @@ class AdapterManager:
         ):
             # diffusers pads only the first adapter to the target rank; pad each new slot too.
             self.pipe.transformer.enable_lora_hotswap(target_rank=self.hotswap_rank, check_compiled="ignore")
-        # diffusers pops keys from the dict it is given: pass a copy.
-        self.pipe.load_lora_weights(dict(state), adapter_name=slot, hotswap=hotswap)
+        # diffusers pops keys from the dict it is given: pass a copy. Its loader warns on every load
+        # that the text encoders get no LoRA keys; adapters here are transformer-only by design.
+        loader_log = logging.getLogger("diffusers.loaders.lora_base")
+        level = loader_log.level
+        loader_log.setLevel(logging.ERROR)
+        try:
+            self.pipe.load_lora_weights(dict(state), adapter_name=slot, hotswap=hotswap)
+        finally:
+            loader_log.setLevel(level)
 
     def _discard(self, slot: str | None) -> None:
         """Remove a slot whose load failed, so no half-loaded weights stay in the model."""
@@ -207,7 +216,36 @@ class AdapterManager:
         if not self._active:
             self.pipe.disable_lora()
             return
+        scalings = self._scaling_tensors() if self.hotswap_rank is not None else {}
         self.pipe.enable_lora()
         self.pipe.set_adapters(
             [self._resident[n].slot for n, _ in self._active], adapter_weights=[w for _, w in self._active]
         )
+        if self.hotswap_rank is not None:
+            self._restore_scaling_tensors(scalings)
+
+    def _scaling_tensors(self) -> dict[tuple[int, str], torch.Tensor]:
+        return {
+            (id(module), slot): value
+            for module in self.pipe.transformer.modules()
+            if isinstance(module, LoraLayer)
+            for slot, value in module.scaling.items()
+            if isinstance(value, torch.Tensor)
+        }
+
+    def _restore_scaling_tensors(self, previous: dict[tuple[int, str], torch.Tensor]) -> None:
+        # Hot-swap preparation turns LoRA scalings into tensors so that a compiled transformer reads
+        # them as inputs; set_adapters writes plain floats back, which torch.compile would bake in as
+        # constants (one recompilation per new weight). Write the new values into the same tensors.
+        for module in self.pipe.transformer.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for slot, value in module.scaling.items():
+                if isinstance(value, torch.Tensor):
+                    continue
+                tensor = previous.get((id(module), slot))
+                if tensor is None:
+                    tensor = torch.tensor(float(value), device=module.weight.device)
+                else:
+                    tensor.fill_(float(value))
+                module.scaling[slot] = tensor

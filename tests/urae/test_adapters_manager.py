@@ -1,0 +1,307 @@
+"""The resident adapter cache: failed loads change nothing, mixing, unloading, hot-swap, LRU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from urae.adapters import AdapterManager, load_adapter_layers, save_lora
+from urae.adapters.builtin import tiny_adapter_path, tiny_lora_layers
+from urae.errors import (
+    AdapterError,
+    AdapterLoadError,
+    AdapterNotLoadedError,
+    BaseModelMismatchError,
+    HotswapRankError,
+    NotSafetensorsError,
+    RankMismatchError,
+    TruncatedAdapterError,
+)
+from urae.spec import AdapterRef
+from urae.tiny import build_tiny_pipeline
+
+
+def transformer_output(transformer: Any) -> torch.Tensor:
+    """The transformer's prediction for fixed random latents and text (one 16-token image)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 16, 16, generator=g)
+    text = torch.randn(1, 8, 32, generator=g)
+    pooled = torch.randn(1, 32, generator=g)
+    img_ids = torch.stack([torch.zeros(16), torch.arange(16) // 4, torch.arange(16) % 4], dim=1).float()
+    with torch.no_grad():
+        return transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+            timestep=torch.tensor([0.5]),
+            img_ids=img_ids,
+            txt_ids=torch.zeros(8, 3),
+            guidance=torch.tensor([3.5]),
+            return_dict=False,
+        )[0]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three plain LoRAs of ranks 16, 8, 48 (the last one the tiny converted URAE 4K) and broken files."""
+    folder = tmp_path_factory.mktemp("manager")
+    transformer = build_tiny_pipeline("tiny").transformer
+    files = {
+        "a": save_lora(folder / "a.safetensors", tiny_lora_layers(transformer, seed=1)),
+        "b": save_lora(folder / "b.safetensors", tiny_lora_layers(transformer, seed=2, rank=8)),
+        "c": save_lora(folder / "c.safetensors", tiny_lora_layers(transformer, seed=3, rank=4)),
+        "4k": tiny_adapter_path("urae-4k", "tiny", folder / "cache"),
+    }
+    truncated = folder / "truncated.safetensors"
+    truncated.write_bytes(files["a"].read_bytes()[:-100])
+    files["truncated"] = truncated
+    files["foreign"] = save_lora(
+        folder / "foreign.safetensors",
+        {"transformer_blocks.0.attn.to_q": (torch.zeros(3072, 2), torch.zeros(2, 3072))},
+    )
+    files["pickle"] = folder / "model.bin"
+    torch.save({"x": torch.zeros(2)}, files["pickle"])
+    return files
+
+
+@pytest.fixture
+def pipe() -> Any:
+    return build_tiny_pipeline("tiny")
+
+
+def merged_output(adapters: dict[str, Path], weights: dict[str, float]) -> torch.Tensor:
+    """Reference without diffusers: the weighted deltas merged into a fresh transformer's weights."""
+    transformer = build_tiny_pipeline("tiny").transformer
+    with torch.no_grad():
+        for name, weight in weights.items():
+            _, layers = load_adapter_layers(adapters[name])
+            for module, (up, down) in layers.items():
+                transformer.get_submodule(module).weight += weight * (up @ down)
+    return transformer_output(transformer)
+
+
+def test_mix_with_weights_matches_merged_weights(pipe: Any, adapters: dict[str, Path]) -> None:
+    manager = AdapterManager(pipe)
+    base = transformer_output(pipe.transformer)
+    assert manager.ensure("a", adapters["a"]) is False
+    assert manager.ensure("b", adapters["b"]) is False
+    manager.activate([AdapterRef("a", 0.7), AdapterRef("b", -0.5)])
+    mixed = transformer_output(pipe.transformer)
+    assert (mixed - base).abs().max() > 1e-3
+    torch.testing.assert_close(mixed, merged_output(adapters, {"a": 0.7, "b": -0.5}), atol=1e-5, rtol=0)
+    manager.activate([AdapterRef("b", 1.0)])
+    torch.testing.assert_close(
+        transformer_output(pipe.transformer), merged_output(adapters, {"b": 1.0}), atol=1e-5, rtol=0
+    )
+
+
+def test_weight_zero_empty_activation_and_unload_give_the_base_output(
+    pipe: Any, adapters: dict[str, Path]
+) -> None:
+    base = transformer_output(pipe.transformer)
+    manager = AdapterManager(pipe)
+    manager.ensure("a", adapters["a"])
+    manager.ensure("4k", adapters["4k"])
+    manager.activate([AdapterRef("a", 0.0), AdapterRef("4k", 0.0)])
+    assert torch.equal(transformer_output(pipe.transformer), base)
+    manager.activate([AdapterRef("4k", 1.0)])
+    assert not torch.equal(transformer_output(pipe.transformer), base)
+    manager.activate([])
+    assert torch.equal(transformer_output(pipe.transformer), base)
+    manager.activate([AdapterRef("a", 1.0), AdapterRef("4k", 1.0)])
+    manager.unload("a")
+    assert manager.loaded() == ["4k"]
+    torch.testing.assert_close(
+        transformer_output(pipe.transformer), merged_output(adapters, {"4k": 1.0}), atol=1e-5, rtol=0
+    )
+    manager.unload("4k")
+    assert manager.loaded() == []
+    assert torch.equal(transformer_output(pipe.transformer), base)
+    with pytest.raises(AdapterNotLoadedError, match="a: adapter is not loaded"):
+        manager.activate([AdapterRef("a", 1.0)])
+    with pytest.raises(AdapterNotLoadedError):
+        manager.unload("a")
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ("truncated", TruncatedAdapterError),
+        ("foreign", BaseModelMismatchError),
+        ("pickle", NotSafetensorsError),
+    ],
+)
+@pytest.mark.parametrize("hotswap_rank", [None, 48])
+def test_failed_load_leaves_the_model_bitwise_unchanged(
+    pipe: Any, adapters: dict[str, Path], bad: str, error: type[AdapterError], hotswap_rank: int | None
+) -> None:
+    manager = AdapterManager(pipe, capacity=2, hotswap_rank=hotswap_rank)
+    # First against the bare base model, then with adapters resident and active at capacity.
+    base = transformer_output(pipe.transformer)
+    with pytest.raises(error):
+        manager.ensure("bad", adapters[bad])
+    assert torch.equal(transformer_output(pipe.transformer), base)
+    manager.ensure("a", adapters["a"])
+    manager.ensure("b", adapters["b"])
+    manager.activate([AdapterRef("a", 0.8), AdapterRef("b", 0.3)])
+    before = transformer_output(pipe.transformer)
+    with pytest.raises(error) as caught:
+        manager.ensure("bad", adapters[bad])
+    assert str(adapters[bad]) in str(caught.value)
+    assert torch.equal(transformer_output(pipe.transformer), before)
+    assert manager.loaded() == ["a", "b"]
+    # Same name, file replaced by a broken one: the resident version stays.
+    with pytest.raises(error):
+        manager.ensure("a", adapters[bad])
+    assert torch.equal(transformer_output(pipe.transformer), before)
+    assert manager.loaded() == ["a", "b"]
+
+
+def test_pipeline_failure_after_validation_is_rolled_back(
+    pipe: Any, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = AdapterManager(pipe)
+    manager.ensure("a", adapters["a"])
+    manager.activate([AdapterRef("a", 1.0)])
+    before = transformer_output(pipe.transformer)
+    slots_before = set(pipe.transformer.peft_config)
+    real_load = pipe.load_lora_weights
+
+    def load_then_fail(*args: Any, **kwargs: Any) -> None:
+        # The adapter is injected into the model, then something (device OOM, a diffusers bug) fails.
+        real_load(*args, **kwargs)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pipe, "load_lora_weights", load_then_fail)
+    with pytest.raises(AdapterLoadError, match="out of memory"):
+        manager.ensure("b", adapters["b"])
+    assert set(pipe.transformer.peft_config) == slots_before
+    assert manager.loaded() == ["a"]
+    assert torch.equal(transformer_output(pipe.transformer), before)
+
+
+def test_hotswap_between_adapters_equals_a_fresh_load(pipe: Any, adapters: dict[str, Path]) -> None:
+    manager = AdapterManager(pipe, capacity=1, hotswap_rank=48)
+    outputs = {}
+    for name in ["a", "4k", "b", "a"]:
+        assert manager.ensure(name, adapters[name]) is False
+        manager.activate([AdapterRef(name, 1.0)])
+        outputs[name] = transformer_output(pipe.transformer)
+        # One slot, swapped in place: the model keeps a single adapter.
+        assert len(pipe.transformer.peft_config) == 1
+        assert manager.loaded() == [name]
+    base = transformer_output(build_tiny_pipeline("tiny").transformer)
+    for name in ["a", "4k", "b"]:
+        fresh = build_tiny_pipeline("tiny")
+        fresh.load_lora_weights(str(adapters[name]), adapter_name="fresh")
+        expected = transformer_output(fresh.transformer)
+        assert (expected - base).abs().max() > 1e-3
+        torch.testing.assert_close(outputs[name], expected, atol=1e-6, rtol=0)
+    assert manager.misses == 4 and manager.hits == 0
+
+
+def test_hotswap_slots_are_all_padded_to_the_target_rank(pipe: Any, adapters: dict[str, Path]) -> None:
+    # The second slot is created after the first load; it must accept a rank-48 swap too.
+    manager = AdapterManager(pipe, capacity=2, hotswap_rank=48)
+    manager.ensure("a", adapters["a"])
+    manager.ensure("c", adapters["c"])
+    manager.ensure("4k", adapters["4k"])  # evicts "a", swaps into its slot
+    manager.ensure("b", adapters["b"])  # evicts "c"
+    manager.ensure("a", adapters["a"])  # evicts "4k"
+    manager.ensure("4k", adapters["4k"])  # evicts "b": rank 48 into the slot created second
+    assert manager.loaded() == ["a", "4k"]
+    assert len(pipe.transformer.peft_config) == 2
+    manager.activate([AdapterRef("4k", 0.3)])
+    layer = pipe.transformer.get_submodule("transformer_blocks.0.attn.to_q")
+    scalings = dict(layer.scaling)
+    manager.activate([AdapterRef("4k", 1.0), AdapterRef("a", 0.5)])
+    # Weights are written into the same scaling tensors: a compiled transformer is not specialised on them.
+    for slot, tensor in layer.scaling.items():
+        assert isinstance(tensor, torch.Tensor) and tensor is scalings[slot]
+    torch.testing.assert_close(
+        transformer_output(pipe.transformer),
+        merged_output(adapters, {"4k": 1.0, "a": 0.5}),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_hotswap_rank_too_small_is_refused_before_touching_the_model(
+    pipe: Any, adapters: dict[str, Path]
+) -> None:
+    manager = AdapterManager(pipe, capacity=1, hotswap_rank=16)
+    manager.ensure("a", adapters["a"])
+    manager.activate([AdapterRef("a", 1.0)])
+    before = transformer_output(pipe.transformer)
+    with pytest.raises(HotswapRankError, match="rank 48 exceeds the hot-swap target rank 16"):
+        manager.ensure("4k", adapters["4k"])
+    assert torch.equal(transformer_output(pipe.transformer), before)
+    assert manager.loaded() == ["a"]
+
+
+def test_hotswap_must_be_enabled_before_the_first_adapter(pipe: Any, adapters: dict[str, Path]) -> None:
+    AdapterManager(pipe).ensure("a", adapters["a"])
+    with pytest.raises(AdapterError, match="before the first adapter"):
+        AdapterManager(pipe, hotswap_rank=48)
+
+
+def test_lru_eviction_hits_and_misses(pipe: Any, adapters: dict[str, Path]) -> None:
+    manager = AdapterManager(pipe, capacity=2)
+    assert manager.ensure("a", adapters["a"]) is False
+    assert manager.ensure("b", adapters["b"]) is False
+    assert manager.ensure("a", adapters["a"]) is True  # "b" is now the least recently used
+    assert manager.ensure("c", adapters["c"]) is False
+    assert manager.loaded() == ["a", "c"]
+    assert len(pipe.transformer.peft_config) == 2
+    assert (manager.hits, manager.misses) == (1, 3)
+    manager.activate([AdapterRef("a", 1.0)])  # now "c" is the least recently used
+    manager.ensure("b", adapters["b"])
+    assert manager.loaded() == ["a", "b"]
+    manager.activate([AdapterRef("a", 1.0), AdapterRef("b", 1.0)])
+    torch.testing.assert_close(
+        transformer_output(pipe.transformer), merged_output(adapters, {"a": 1.0, "b": 1.0}), atol=1e-5, rtol=0
+    )
+
+
+def test_changed_file_under_the_same_name_is_reloaded(
+    pipe: Any, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    path = tmp_path / "mine.safetensors"
+    path.write_bytes(adapters["a"].read_bytes())
+    manager = AdapterManager(pipe)
+    manager.ensure("mine", path)
+    manager.activate([AdapterRef("mine", 1.0)])
+    first_sha = manager.sha256("mine")
+    assert manager.ensure("mine", path) is True
+    path.write_bytes(adapters["b"].read_bytes())
+    assert manager.ensure("mine", path) is False
+    assert manager.sha256("mine") != first_sha
+    # Still active under its name, now with the new weights.
+    torch.testing.assert_close(
+        transformer_output(pipe.transformer), merged_output(adapters, {"b": 1.0}), atol=1e-5, rtol=0
+    )
+    assert len(pipe.transformer.peft_config) == 1
+
+
+def test_names_peft_would_refuse_are_fine(pipe: Any, adapters: dict[str, Path]) -> None:
+    manager = AdapterManager(pipe)
+    manager.ensure("user.fine-tune v2", adapters["a"])
+    manager.activate([AdapterRef("user.fine-tune v2", 1.0)])
+    torch.testing.assert_close(
+        transformer_output(pipe.transformer), merged_output(adapters, {"a": 1.0}), atol=1e-5, rtol=0
+    )
+
+
+def test_rank_mismatch_in_file_is_reported(pipe: Any, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "ranks.safetensors"
+    module = "transformer_blocks.0.attn.to_q"
+    save_file(
+        {f"{module}.lora_A.weight": torch.zeros(4, 32), f"{module}.lora_B.weight": torch.zeros(32, 3)}, bad
+    )
+    with pytest.raises(RankMismatchError, match="ranks.safetensors"):
+        AdapterManager(pipe).ensure("ranks", bad)

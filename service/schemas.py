@@ -167,16 +167,51 @@ class AdapterList(BaseModel):
 
 
 class FinetuneRecipe(BaseModel):
-    """Training parameters checked before queueing; the worker's training config checks them again."""
+    """Training parameters, checked before queueing (mirrors urae.train.TrainConfig; a test keeps the
+    two in sync). ``recipe`` names a shipped recipe (urae-2k, urae-4k) that the other keys override.
+    Paths, the model and the device are the server's: they cannot be set here."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"recipe": "urae-2k", "steps": 200, "rank": 8}]},
+    )
 
-    steps: int | None = Field(default=None, ge=1, le=100_000)
+    recipe: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    base_adapter: str | None = Field(default=None, pattern=ADAPTER_NAME_PATTERN)
+    adapter_kind: Literal["minor_components", "lora"] | None = None
     rank: int | None = Field(default=None, ge=1, le=256)
+    alpha: float | None = Field(default=None, gt=0)
+    targets: list[str] | str | None = None
+    resolution: int | None = Field(default=None, ge=64, le=MAX_SIDE, multiple_of=64)
+    max_sequence_length: int | None = Field(default=None, ge=1, le=512)
+    steps: int | None = Field(default=None, ge=1, le=100_000)
     learning_rate: float | None = Field(default=None, gt=0.0, le=10.0)
-    resolution: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+    optimizer: Literal["adamw", "prodigy"] | None = None
+    weight_decay: float | None = Field(default=None, ge=0.0, le=1.0)
+    schedule: Literal["constant", "cosine"] | None = None
+    warmup: int | None = Field(default=None, ge=0)
+    grad_clip: float | None = Field(default=None, ge=0.0)
     batch_size: int | None = Field(default=None, ge=1, le=64)
+    guidance: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE)
+    timestep_sampling: Literal["uniform", "logit_normal"] | None = None
+    logit_mean: float | None = Field(default=None, ge=-10.0, le=10.0)
+    logit_std: float | None = Field(default=None, ge=1e-3, le=10.0)
+    ntk_factor: float | None = Field(default=None, ge=1.0, le=100.0)
+    proportional_attention: bool | None = None
+    mixed_precision: Literal["no", "bf16"] | None = None
+    gradient_checkpointing: bool | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    checkpoint_every: int | None = Field(default=None, ge=0)
+    keep_checkpoints: int | None = Field(default=None, ge=1)
+    sample_every: int | None = Field(default=None, ge=0)
+    sample_prompts: list[str] | None = Field(default=None, max_length=16)
+    sample_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    sample_guidance: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE)
+    real_prompt_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+# TrainConfig fields the server sets itself.
+SERVER_TRAIN_FIELDS = ("model_id", "dataset_dir", "output_dir", "cache_dir", "device", "resume", "progress_bar")
 
 
 ADAPTER_NAME_FIELD = Field(pattern=ADAPTER_NAME_PATTERN, description="lower-case letters, digits, '-' and '_'")

@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -26,7 +26,7 @@ from typing import IO, BinaryIO
 SAFETENSORS_DTYPES = {"F16", "BF16", "F32"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-CAPTION_SUFFIXES = {".txt", ".json", ".jsonl", ".caption"}
+CAPTION_SUFFIXES = {".txt", ".json"}
 MAX_CAPTION_BYTES = 1024 * 1024
 _MEMBER_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,199}$")
 _CHUNK = 1024 * 1024
@@ -111,36 +111,48 @@ def _check_member_name(name: str) -> str:
     return clean
 
 
-def _zip_members(path: Path) -> Iterator[_Member]:
-    with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            if info.is_dir():
-                continue
-            mode = (info.external_attr >> 16) & 0o170000
-            if mode and mode != 0o100000:
-                raise UploadError(f"archive member {info.filename!r}: only regular files are allowed (no links)")
-            yield _Member(info.filename, info.file_size, lambda info=info: archive.open(info))
+def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
+    members = []
+    for info in archive.infolist():
+        if info.is_dir():
+            continue
+        mode = (info.external_attr >> 16) & 0o170000
+        if mode and mode != 0o100000:
+            raise UploadError(f"archive member {info.filename!r}: only regular files are allowed (no links)")
+        members.append(_Member(info.filename, info.file_size, lambda info=info: archive.open(info)))
+    return members
 
 
-def _tar_members(path: Path) -> Iterator[_Member]:
-    with tarfile.open(path, "r:*") as archive:
-        for info in archive:
-            if info.isdir():
-                continue
-            if not info.isfile():
-                raise UploadError(f"archive member {info.name!r}: only regular files are allowed (no links or devices)")
-            yield _Member(info.name, info.size, lambda info=info: archive.extractfile(info))
+def _tar_members(archive: tarfile.TarFile) -> list[_Member]:
+    members = []
+    for info in archive:
+        if info.isdir():
+            continue
+        if not info.isfile():
+            raise UploadError(f"archive member {info.name!r}: only regular files are allowed (no links or devices)")
+        members.append(_Member(info.name, info.size, lambda info=info: archive.extractfile(info)))
+    return members
 
 
-def _members(path: Path) -> Iterator[_Member]:
+def _open_members(path: Path, stack: ExitStack) -> list[_Member]:
     if zipfile.is_zipfile(path):
-        return _zip_members(path)
+        return _zip_members(stack.enter_context(zipfile.ZipFile(path)))
     try:
-        with tarfile.open(path, "r:*"):
-            pass
+        archive = stack.enter_context(tarfile.open(path, "r:*"))
     except (tarfile.TarError, OSError):
         raise UploadError("the dataset is neither a zip nor a tar archive") from None
-    return _tar_members(path)
+    return _tar_members(archive)
+
+
+def _flat_names(names: list[str]) -> list[str]:
+    """Training datasets are flat folders: one common top folder is dropped, deeper nesting refused."""
+    parts = [n.split("/") for n in names]
+    if parts and all(len(p) == 2 for p in parts) and len({p[0] for p in parts}) == 1:
+        return [p[1] for p in parts]
+    for name, p in zip(names, parts, strict=True):
+        if len(p) != 1:
+            raise UploadError(f"archive member {name!r}: put every file at the top level or in one folder")
+    return names
 
 
 def _check_content(name: str, head: bytes) -> None:
@@ -175,40 +187,38 @@ def extract_dataset(archive_path: Path, dest: Path, limits: ArchiveLimits) -> in
 
 
 def _extract_into(archive_path: Path, staging: Path, limits: ArchiveLimits) -> int:
-    files = images = 0
+    images = 0
     total = 0
-    seen: set[str] = set()
-    for member in _members(archive_path):
-        name = _check_member_name(member.name)
-        suffix = Path(name).suffix.lower()
-        if suffix not in IMAGE_SUFFIXES | CAPTION_SUFFIXES:
-            raise UploadError(f"archive member {name!r}: only images and caption files are allowed")
-        if name.lower() in seen:
-            raise UploadError(f"archive member {name!r} appears twice")
-        seen.add(name.lower())
-        files += 1
-        if files > limits.max_files:
+    with ExitStack() as stack:
+        members = _open_members(archive_path, stack)
+        if len(members) > limits.max_files:
             raise UploadError(f"the archive holds more than {limits.max_files} files")
-        if member.size > limits.max_total_bytes - total:
-            raise UploadError(f"the archive expands beyond the limit of {limits.max_total_bytes} bytes")
-        target = staging.joinpath(*name.split("/"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        src = member.open()  # type: ignore[operator]
-        with src, open(target, "wb") as out:
-            # Count what is actually read: an archive can lie about its sizes.
-            total += copy_bounded(src, out, limits.max_total_bytes - total, "the expanded archive")
-        with open(target, "rb") as f:
-            head = f.read(16)
-        _check_content(name, head)
-        if suffix in CAPTION_SUFFIXES:
-            if target.stat().st_size > MAX_CAPTION_BYTES:
-                raise UploadError(f"archive member {name!r}: a caption file over {MAX_CAPTION_BYTES} bytes")
-            try:
-                target.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                raise UploadError(f"archive member {name!r}: captions must be UTF-8 text") from None
-        else:
-            images += 1
+        names = _flat_names([_check_member_name(m.name) for m in members])
+        if len({n.lower() for n in names}) != len(names):
+            raise UploadError("two archive members have the same name")
+        for member, name in zip(members, names, strict=True):
+            suffix = Path(name).suffix.lower()
+            if suffix not in IMAGE_SUFFIXES | CAPTION_SUFFIXES:
+                raise UploadError(f"archive member {name!r}: only images and caption files are allowed")
+            if member.size > limits.max_total_bytes - total:
+                raise UploadError(f"the archive expands beyond the limit of {limits.max_total_bytes} bytes")
+            target = staging / name
+            src = member.open()  # type: ignore[operator]
+            with src, open(target, "wb") as out:
+                # Count what is actually read: an archive can lie about its sizes.
+                total += copy_bounded(src, out, limits.max_total_bytes - total, "the expanded archive")
+            with open(target, "rb") as f:
+                head = f.read(16)
+            _check_content(name, head)
+            if suffix in CAPTION_SUFFIXES:
+                if target.stat().st_size > MAX_CAPTION_BYTES:
+                    raise UploadError(f"archive member {name!r}: a caption file over {MAX_CAPTION_BYTES} bytes")
+                try:
+                    target.read_text(encoding="utf-8")
+                except UnicodeDecodeError:
+                    raise UploadError(f"archive member {name!r}: captions must be UTF-8 text") from None
+            else:
+                images += 1
     return images
 
 

@@ -92,7 +92,7 @@ def service_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dic
         "URAE_MODEL": "tiny",
         "URAE_DEVICE": "cpu",
         "URAE_DTYPE": "float32",
-        "URAE_HOTSWAP_RANK": "16",
+        "URAE_HOTSWAP_RANK": "64",
         "URAE_ADAPTER_CACHE_DIR": str(storage / "builtin-adapters"),
         "URAE_HEARTBEAT_INTERVAL_S": "0.5",
         "URAE_LEASE_TTL_S": "3",

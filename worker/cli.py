@@ -57,6 +57,22 @@ class ResidentWorker(_GracefulStop, SimpleWorker):
 class IsolatedWorker(_GracefulStop, Worker):
     """Runs each job in a forked child process."""
 
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        first = self.runtime.shutdown_deadline is None
+        super().request_stop(signum, frame)
+        if first and self.horse_pid:
+            # The job runs in the child: tell it when its grace period is over; it checkpoints and is requeued.
+            timer = threading.Timer(self.runtime.settings.shutdown_grace_s, self._signal_horse)
+            timer.daemon = True
+            timer.start()
+
+    def _signal_horse(self) -> None:
+        if self.horse_pid:
+            try:
+                os.kill(self.horse_pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="urae-worker", description=__doc__.split("\n\n")[0])

@@ -8,6 +8,7 @@ with a readable reason. Failures are recorded, not raised: the worker keeps serv
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,7 +27,6 @@ from service.contract import (
     dataset_prefix,
     finetune_work_prefix,
     image_object,
-    upload_object,
 )
 from service.records import get_adapter, observe_stage, register_adapter
 from worker.runtime import Runtime, runtime
@@ -171,13 +171,15 @@ def run_adapter_import(payload: dict[str, Any]) -> str:
     with _running(rt, job.job_id, int(record.get("timeout_s", 0))) as ok:
         if not ok:
             return "skipped"
+        src = rt.storage.path(job.upload)
         try:
-            adapter = register_file(rt, job.name, rt.storage.path(job.upload), generator.pipe.transformer,
+            adapter = register_file(rt, job.name, src, generator.pipe.transformer,
                                     job.base_adapter, job.description, job.source)
             rt.records.finish(job.job_id, {"adapter": adapter}, {})
             return JobStatus.FINISHED
         except UraeError as exc:
-            rt.records.fail(job.job_id, str(exc))
+            # Clients see the problem, not the server's file layout.
+            rt.records.fail(job.job_id, str(exc).replace(f"{src}: ", "").replace(str(src), "the uploaded file"))
             return JobStatus.FAILED
         except JobTimeoutException:
             raise
@@ -193,6 +195,7 @@ def register_file(
 ) -> dict[str, Any]:
     """Convert ``src`` into the served form under a new version of ``name`` and register it."""
     from urae.adapters import prepare_for_serving
+    from urae.errors import HotswapRankError
 
     version = uuid.uuid4().hex[:12]
     key = adapter_object(name, version)
@@ -200,6 +203,12 @@ def register_file(
     try:
         base_lora = rt.resolve_adapter(base_adapter) if base_adapter else None
         info = prepare_for_serving(src, tmp, transformer, base_lora=base_lora)
+        limit = rt.settings.hotswap_rank
+        if limit is not None and info.rank > limit:
+            raise HotswapRankError(
+                f"adapter {name!r} has rank {info.rank} after conversion; the workers hot-swap adapters up to "
+                f"rank {limit} (URAE_HOTSWAP_RANK)"
+            )
         rt.storage.put_file(key, tmp)
     finally:
         tmp.unlink(missing_ok=True)
@@ -218,29 +227,40 @@ def register_file(
 def run_finetune(payload: dict[str, Any]) -> str:
     """Train an adapter on a stored dataset and register it (runs in its own process)."""
     from urae.errors import TrainingCanceled, UraeError
-    from urae.train import TrainConfig, train
+    from urae.train import TrainConfig, load_recipe, train
 
     rt = runtime()
     job = FinetunePayload.model_validate(payload)
+    # The parent worker signals an overdue shutdown with SIGUSR1 (this job runs in a forked child).
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(rt, "shutdown_deadline", time.monotonic()))
     record = rt.records.get(job.job_id)
     with _running(rt, job.job_id, int(record.get("timeout_s", 0))) as ok:
         if not ok:
             return "skipped"
         work = rt.storage.path(finetune_work_prefix(job.job_id))
+        keep_work = False
         try:
+            overrides = dict(job.recipe)
+            recipe_name = overrides.pop("recipe", None)
+            data = {**(load_recipe(str(recipe_name)) if recipe_name else {}), **overrides}
+            if data.get("base_adapter"):
+                data["base_adapter"] = str(rt.resolve_adapter(str(data["base_adapter"])))
             config = TrainConfig.from_dict({
-                **job.recipe,
-                "model": rt.settings.model,
-                "dataset": str(rt.storage.path(dataset_prefix(job.dataset))),
+                **data,
+                "model_id": rt.settings.model,
+                "dataset_dir": str(rt.storage.path(dataset_prefix(job.dataset))),
                 "output_dir": str(work),
-                "device": rt.settings.device,
+                "device": "cpu" if rt.settings.device == "cpu" else "auto",
+                # A job put back after a shutdown continues from its last checkpoint.
+                "resume": True,
+                "progress_bar": False,
             })
             started = time.monotonic()
 
             def on_progress(p: Any) -> None:
-                progress = {"stage": getattr(p, "stage", "train"), "step": p.step, "total": p.total,
-                            "loss": None if p.loss is None else float(p.loss),
-                            "eta_s": None if p.eta_s is None else round(float(p.eta_s), 2)}
+                progress = {"stage": p.stage, "step": p.step, "total": p.total,
+                            "loss": None if p.loss != p.loss else round(float(p.loss), 6),  # NaN while caching
+                            "eta_s": round(float(p.eta_s), 2)}
                 try:
                     rt.records.set_progress(job.job_id, progress)
                 except Exception:
@@ -248,15 +268,17 @@ def run_finetune(payload: dict[str, Any]) -> str:
 
             result = train(config, on_progress=on_progress, should_cancel=_should_stop(rt, job.job_id))
             timings = {"train": round(time.monotonic() - started, 3)}
-            transformer = _training_transformer(result)
-            adapter = register_file(rt, job.adapter_name, result.adapter_path, transformer, None,
+            # The trainer exports a plain LoRA on the original weights: validated here, no model needed.
+            adapter = register_file(rt, job.adapter_name, result.adapter_path, None, None,
                                     f"fine-tuned on dataset {job.dataset}", "finetune")
-            rt.records.finish(job.job_id, {"adapter": adapter, "steps": result.steps,
-                                           "final_loss": result.final_loss}, timings)
+            final_loss = None if result.final_loss != result.final_loss else float(result.final_loss)
+            rt.records.finish(job.job_id, {"adapter": adapter, "steps": result.steps, "final_loss": final_loss},
+                              timings)
             return JobStatus.FINISHED
         except TrainingCanceled as exc:
             if rt.shutdown_overdue():
-                rt.records.requeue(job.job_id, "the worker shut down; the job runs again later")
+                keep_work = True
+                rt.records.requeue(job.job_id, "the worker shut down; training resumes from its checkpoint later")
                 return JobStatus.QUEUED
             rt.records.cancel_done(job.job_id, f"canceled by request ({exc})")
             return JobStatus.CANCELED
@@ -269,17 +291,5 @@ def run_finetune(payload: dict[str, Any]) -> str:
             _fail_unexpected(rt, job.job_id, exc)
             return JobStatus.FAILED
         finally:
-            rt.storage.delete(finetune_work_prefix(job.job_id))
-
-
-def _training_transformer(result: Any) -> Any:
-    """The base transformer to validate the trained adapter against (loaded once per process)."""
-    from urae.models import load_pipeline
-
-    rt = runtime()
-    if rt.generator is not None:
-        return rt.generator.pipe.transformer
-    return load_pipeline(rt.settings.model, device="cpu", dtype="float32").transformer
-
-
-__all__ = ["run_adapter_import", "run_finetune", "run_generate", "upload_object"]
+            if not keep_work:
+                rt.storage.delete(finetune_work_prefix(job.job_id))

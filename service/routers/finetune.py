@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from pydantic import ValidationError
 
-from service.admission import ApiError, check_queue_depth
+from service.admission import ApiError, check_adapters_exist, check_queue_depth
 from service.contract import (
     ADAPTER_NAME_PATTERN,
     BUILTIN_ADAPTERS,
@@ -57,7 +57,10 @@ def submit_finetune(
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "recipe"
-        raise ApiError(422, f"recipe.{field}: {first['msg']}", field=f"recipe.{field}") from None
+        reason = "is not a training parameter the API accepts" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ApiError(422, f"recipe.{field}: {reason}", field=f"recipe.{field}") from None
+    if parsed.base_adapter is not None:
+        check_adapters_exist(conn, [parsed.base_adapter])
     check_queue_depth(conn, FINETUNE_QUEUE, settings)
 
     job_id = new_job_id()

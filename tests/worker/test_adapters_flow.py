@@ -1,0 +1,159 @@
+"""Adapter upload -> conversion by the worker -> use by /generate; hot-swap equals a fresh load."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import wait_for_status
+
+SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 5}
+LONG = {"prompt": "a slow one", "width": 256, "height": 256, "steps": 100, "seed": 2}
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from urae.adapters import save_lora, save_minor_components
+    from urae.adapters.builtin import tiny_lora_layers, tiny_minor_component_layers
+    from urae.tiny import build_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("adapters")
+    transformer = build_tiny_pipeline("tiny").transformer
+    files = {
+        "a": save_lora(folder / "a.safetensors", tiny_lora_layers(transformer, 11)),
+        "b": save_lora(folder / "b.safetensors", tiny_lora_layers(transformer, 22)),
+    }
+    fused = tiny_lora_layers(transformer, 33)
+    files["base"] = save_lora(folder / "base.safetensors", fused)
+    files["minor"] = save_minor_components(folder / "minor.safetensors",
+                                           tiny_minor_component_layers(transformer, 44, fused))
+    wrong = tiny_lora_layers(transformer, 55)
+    module = next(iter(wrong))
+    up, down = wrong[module]
+    wrong[module] = (up, torch_cat(down))
+    files["wrong-shape"] = save_lora(folder / "wrong.safetensors", wrong)
+    pickle_like = folder / "model.safetensors"
+    pickle_like.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    files["pickle"] = pickle_like
+    truncated = folder / "truncated.safetensors"
+    truncated.write_bytes(struct.pack("<Q", 10_000) + b"{}")
+    files["truncated"] = truncated
+    return files
+
+
+def torch_cat(down: Any) -> Any:
+    import torch
+
+    return torch.cat([down, down], dim=1)  # the input width no longer fits the layer
+
+
+@pytest.fixture(scope="module")
+def worker(start_worker: Any) -> Any:
+    # Capacity 1: every change of adapter replaces the resident one in place (a hot-swap).
+    return start_worker("gen-adapters", "--queues", "generate", env={"URAE_ADAPTER_CAPACITY": "1"})
+
+
+def upload(http: Any, name: str, path: Path, **form: str) -> Any:
+    with open(path, "rb") as f:
+        return http.post("/adapters", files={"file": (path.name, f, "application/octet-stream")},
+                         data={"name": name, **form})
+
+
+def generate_pixels(http: Any, body: dict[str, Any]) -> np.ndarray:
+    job = wait_for_status(http, http.post("/generate", json=body).json()["id"])
+    assert job["status"] == "finished", job["error"]
+    content = http.get(f"/jobs/{job['id']}/images/0").content
+    return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"), dtype=np.int16)
+
+
+def test_uploaded_adapter_is_listed_and_changes_the_output(http: Any, worker: Any, adapter_files: dict[str, Path]) -> None:
+    response = upload(http, "style-a", adapter_files["a"], description="stripes")
+    assert response.status_code == 201, response.text
+    adapter = response.json()
+    assert adapter["name"] == "style-a" and adapter["rank"] >= 1 and adapter["description"] == "stripes"
+    names = [a["name"] for a in http.get("/adapters").json()["adapters"]]
+    assert {"urae-2k", "urae-4k", "style-a"} <= set(names)
+    assert http.get("/adapters/style-a").json()["version"] == adapter["version"]
+
+    base = generate_pixels(http, SMALL)
+    styled = generate_pixels(http, {**SMALL, "adapters": [{"name": "style-a", "weight": 1.0}]})
+    assert np.abs(base - styled).max() > 0
+    unweighted = generate_pixels(http, {**SMALL, "adapters": [{"name": "style-a", "weight": 0.0}]})
+    assert np.abs(base - unweighted).max() <= 1
+
+
+def test_hot_swap_between_two_adapters_equals_a_fresh_load(http: Any, worker: Any, adapter_files: dict[str, Path]) -> None:
+    assert upload(http, "style-b", adapter_files["b"]).status_code == 201
+    body_a = {**SMALL, "adapters": [{"name": "style-a"}]}
+    body_b = {**SMALL, "adapters": [{"name": "style-b"}]}
+    first_a = generate_pixels(http, body_a)
+    swapped_b = generate_pixels(http, body_b)
+    swapped_a = generate_pixels(http, body_a)
+    assert np.abs(first_a - swapped_b).max() > 0
+    assert np.array_equal(first_a, swapped_a)
+
+    from urae.generate import Generator
+    from urae.presets import resolve_spec
+    from urae.spec import AdapterRef
+
+    fresh = Generator.load("tiny", device="cpu", dtype="float32", hotswap_rank=64,
+                           adapter_resolver=lambda name: adapter_files["b"])
+    spec = resolve_spec(SMALL["prompt"], "1k", schnell=fresh.schnell, adapters=(AdapterRef("b", 1.0),),
+                        width=64, height=64, steps=2, seed=5)
+    reference = np.asarray(fresh.generate(spec).images[0].convert("RGB"), dtype=np.int16)
+    assert np.abs(reference - swapped_b).max() <= 1
+
+    text = http.get("/metrics").text
+    misses = int(next(line for line in text.splitlines() if line.startswith("urae_adapter_cache_misses_total")).split()[-1])
+    assert misses >= 3
+
+
+def test_minor_component_upload_is_converted_on_top_of_its_base(
+    http: Any, worker: Any, adapter_files: dict[str, Path]
+) -> None:
+    assert upload(http, "fused-base", adapter_files["base"]).status_code == 201
+    response = upload(http, "minor-4k", adapter_files["minor"], base_adapter="fused-base")
+    assert response.status_code == 201, response.text
+    assert generate_pixels(http, {**SMALL, "adapters": [{"name": "minor-4k"}]}).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "file", "status", "words"),
+    [
+        ("bad-pickle", "pickle", 422, "pickle"),
+        ("bad-truncated", "truncated", 422, "header length"),
+        ("bad-shape", "wrong-shape", 422, "does not fit this base model"),
+        ("../escape", "a", 422, "name"),
+        ("urae-2k", "a", 409, "built-in"),
+    ],
+)
+def test_bad_uploads_are_refused_with_a_reason(
+    http: Any, worker: Any, adapter_files: dict[str, Path], name: str, file: str, status: int, words: str
+) -> None:
+    response = upload(http, name, adapter_files[file])
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert words in (body["detail"] + str(body.get("field"))).lower()
+    assert name not in [a["name"] for a in http.get("/adapters").json()["adapters"]] or name == "urae-2k"
+
+
+def test_delete_adapter_fails_queued_jobs_that_use_it(http: Any, worker: Any, adapter_files: dict[str, Path]) -> None:
+    assert upload(http, "short-lived", adapter_files["b"]).status_code == 201
+    blocker = http.post("/generate", json=LONG).json()["id"]
+    wait_for_status(http, blocker, ("started",))
+    queued = http.post("/generate", json={**SMALL, "adapters": [{"name": "short-lived"}]}).json()["id"]
+    assert http.delete("/adapters/short-lived").status_code == 204
+    assert http.get("/adapters/short-lived").status_code == 404
+    refused = http.post("/generate", json={**SMALL, "adapters": [{"name": "short-lived"}]})
+    assert refused.status_code == 422 and refused.json()["field"] == "adapters[0].name"
+    http.delete(f"/jobs/{blocker}")
+    job = wait_for_status(http, queued)
+    assert job["status"] == "failed"
+    assert "short-lived" in job["error"] and "deleted" in job["error"]
+    assert http.delete("/adapters/urae-2k").status_code == 409

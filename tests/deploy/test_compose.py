@@ -1,0 +1,241 @@
+"""The GPU-host deployment, checked without a Docker engine: compose file, Dockerfiles, API image deps."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from service.settings import Settings
+from tests.conftest import REPO_ROOT
+
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+API_DOCKERFILE = REPO_ROOT / "docker" / "api.Dockerfile"
+WORKER_DOCKERFILE = REPO_ROOT / "docker" / "worker.Dockerfile"
+API_REQUIREMENTS = REPO_ROOT / "docker" / "requirements-api.txt"
+# Longest single job a worker may be finishing when stopped: URAE's notebook puts a 4K image at
+# about 5 minutes on an H100.
+FOUR_K_JOB_S = 300
+# Imported when installed, not needed: rq's greenlet support; setuptools' distutils shim (a .pth file).
+OPTIONAL_IMPORTS = {"greenlet", "setuptools"}
+INTERPOLATION_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def services_where(compose: dict[str, Any], queue: str) -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in compose["services"].items() if s.get("command", [None])[-1] == queue}
+
+
+def seconds(duration: str) -> float:
+    total = 0.0
+    for amount, unit in re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", duration):
+        total += float(amount) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}[unit]
+    return total
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def dockerfile_env(path: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for op, args in dockerfile_instructions(path):
+        if op == "ENV":
+            env.update(dict(pair.split("=", 1) for pair in args.split()))
+    return env
+
+
+def test_the_stack_has_redis_api_a_worker_per_gpu_and_a_finetune_worker(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"redis", "api", "worker-gpu0", "worker-gpu1", "worker-finetune"} <= set(services)
+    generation = services_where(compose, "generate")
+    assert set(generation) == {"worker-gpu0", "worker-gpu1"}
+    assert set(services_where(compose, "finetune")) == {"worker-finetune"}
+    # worker-gpu0 starts on any GPU host; the second GPU's worker is opt-in.
+    assert "profiles" not in services["worker-gpu0"] and services["worker-gpu1"]["profiles"] == ["gpu1"]
+
+
+def test_every_worker_reserves_gpus_by_device_id_and_generation_workers_one_each(compose: dict[str, Any]) -> None:
+    device_ids = {}
+    for name in (*services_where(compose, "generate"), "worker-finetune"):
+        devices = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1 and devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+        assert "count" not in devices[0]
+        device_ids[name] = devices[0]["device_ids"]
+    assert device_ids["worker-gpu0"] == ["0"] and device_ids["worker-gpu1"] == ["1"]
+    assert device_ids["worker-finetune"] == ["${FINETUNE_GPU:-0}"]
+
+
+def test_redis_is_durable_private_and_password_protected(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    command = " ".join(redis["command"])
+    for flag in ("--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction", "--requirepass"):
+        assert flag in command
+    assert "ports" not in redis, "Redis must not be published on the host"
+    assert "redis-data:/data" in redis["volumes"] and "redis-data" in compose["volumes"]
+    assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    # Every client connects with the password.
+    for name, service in compose["services"].items():
+        url = service.get("environment", {}).get("URAE_REDIS_URL")
+        if name != "redis":
+            assert url == "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}@redis:6379/0", name
+
+
+def test_every_service_has_a_healthcheck_and_waits_for_redis(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        check = service["healthcheck"]["test"]
+        assert check[0] in ("CMD", "CMD-SHELL") and len(check) > 1, name
+        if name != "redis":
+            assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+    worker_check = compose["services"]["worker-gpu0"]["healthcheck"]
+    # First start downloads the model: the start period must cover it.
+    assert seconds(worker_check["start_period"]) >= 1800
+    assert compose["services"]["api"]["healthcheck"]["test"][-1] == "api"
+    assert worker_check["test"][-1] == "worker"
+
+
+def test_outputs_and_adapters_live_on_one_volume_shared_by_api_and_workers(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if name == "redis":
+            continue
+        storage = service["environment"]["URAE_STORAGE_DIR"]
+        assert f"urae-data:{storage}" in service["volumes"], name
+    assert "urae-data" in compose["volumes"]
+
+
+def test_workers_get_the_hf_token_and_keep_the_hf_cache_on_a_volume(compose: dict[str, Any]) -> None:
+    hf_home = dockerfile_env(WORKER_DOCKERFILE)["HF_HOME"]
+    for name in (*services_where(compose, "generate"), "worker-finetune"):
+        service = compose["services"][name]
+        assert service["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}", name
+        assert f"hf-cache:{hf_home}" in service["volumes"], name
+        assert service["environment"]["URAE_MODEL"] == "${URAE_MODEL:-black-forest-labs/FLUX.1-dev}"
+    assert "hf-cache" in compose["volumes"]
+    assert "HF_TOKEN" not in compose["services"]["api"].get("environment", {})
+
+
+def test_generation_workers_may_finish_a_4k_job_before_they_are_killed(compose: dict[str, Any]) -> None:
+    for name in services_where(compose, "generate"):
+        service = compose["services"][name]
+        grace = seconds(service["stop_grace_period"])
+        own = float(service["environment"]["URAE_SHUTDOWN_GRACE_S"])
+        assert FOUR_K_JOB_S <= own < grace, name
+
+
+def test_every_urae_variable_of_the_compose_file_is_a_setting(compose: dict[str, Any]) -> None:
+    fields = {f"URAE_{name.upper()}" for name in Settings.model_fields}
+    named = set(INTERPOLATION_RE.findall(COMPOSE.read_text()))
+    for service in compose["services"].values():
+        named |= set(service.get("environment", {}))
+    urae_vars = {n for n in named if n.startswith("URAE_")}
+    assert urae_vars and urae_vars <= fields, urae_vars - fields
+    # Everything else it reads from the environment is a compose-level variable documented in the README.
+    readme = (REPO_ROOT / "README.md").read_text()
+    for name in sorted(named - urae_vars - {"REDISCLI_AUTH"}):
+        assert f"`{name}`" in readme, f"{name} is not documented in README.md"
+
+
+def test_worker_image_is_cuda_pytorch_non_root_with_a_healthcheck() -> None:
+    instructions = dockerfile_instructions(WORKER_DOCKERFILE)
+    base = next(args for op, args in instructions if op == "FROM")
+    assert base.startswith("pytorch/pytorch:") and "cuda" in base
+    users = [args for op, args in instructions if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert any(op == "HEALTHCHECK" for op, _ in instructions)
+    volumes = json.loads(next(args for op, args in instructions if op == "VOLUME"))
+    assert dockerfile_env(WORKER_DOCKERFILE)["HF_HOME"] in volumes
+    assert next(args for op, args in instructions if op == "ENTRYPOINT") == '["python", "-m", "worker"]'
+
+
+def test_api_image_is_slim_non_root_with_a_healthcheck_and_no_torch() -> None:
+    instructions = dockerfile_instructions(API_DOCKERFILE)
+    base = next(args for op, args in instructions if op == "FROM")
+    assert base.startswith("python:3.11") and base.endswith("slim")
+    users = [args for op, args in instructions if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert any(op == "HEALTHCHECK" for op, _ in instructions)
+    copied = " ".join(args for op, args in instructions if op == "COPY")
+    assert "urae " not in copied and "worker " not in copied
+    for op, args in instructions:
+        if op == "RUN" and "pip install" in args:
+            assert "torch" not in args and ("-r /tmp/requirements-api.txt" in args or "--no-deps" in args)
+
+
+def _closure(requirements: list[Requirement]) -> set[str]:
+    """Distribution names the requirements pull in, transitively, as installed here."""
+    seen: set[str] = set()
+    stack = list(requirements)
+    while stack:
+        req = stack.pop()
+        name = req.name.lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue
+        extras = req.extras or {""}
+        for line in dist.requires or []:
+            sub = Requirement(line)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras):
+                stack.append(sub)
+    return seen
+
+
+def test_the_api_image_requirements_cover_everything_the_api_imports() -> None:
+    lines = [ln.split("#")[0].strip() for ln in API_REQUIREMENTS.read_text().splitlines()]
+    requirements = [Requirement(ln) for ln in lines if ln]
+    allowed = _closure(requirements)
+    assert not allowed & {"torch", "diffusers", "transformers", "peft", "accelerate"}
+    # Import and build the API as its container does, then list the third-party modules it loaded.
+    probe = (
+        "import json, sys\n"
+        "from importlib.metadata import packages_distributions\n"
+        "from service.app import create_app\n"
+        "from service.settings import Settings\n"
+        "create_app(Settings(api_keys='k'))\n"
+        "import uvicorn\n"
+        "dists = packages_distributions()\n"
+        "top = {m.split('.')[0] for m in sys.modules if not m.startswith('_')} - set(sys.stdlib_module_names)\n"
+        "print(json.dumps(sorted({d for m in top - {'service'} for d in dists.get(m, [m])})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = {d.lower().replace("_", "-") for d in json.loads(out.stdout.splitlines()[-1])}
+    assert "torch" not in loaded
+    missing = loaded - allowed - OPTIONAL_IMPORTS
+    assert not missing, f"the API imports {missing}, which docker/requirements-api.txt does not bring"
+    # The ranges agree with pyproject.toml, so the image runs what the tests ran.
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    declared = {r.name: r for r in map(Requirement, project["dependencies"])}
+    for req in requirements:
+        assert req.name in declared, f"{req.name} is not a dependency in pyproject.toml"
+        assert declared[req.name].specifier == req.specifier, f"{req} vs pyproject.toml's {declared[req.name]}"
+
+
+def test_dockerfiles_pass_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run([hadolint, str(API_DOCKERFILE), str(WORKER_DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_docker_build_context_leaves_out_local_state() -> None:
+    ignored = set((REPO_ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", ".env", "data"} <= ignored

@@ -1,0 +1,113 @@
+"""The one-command local stack: start ``urae-serve`` on free ports, run a job over HTTP, Ctrl-C, nothing left."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from tests.conftest import free_port
+from tests.deploy.stack_process import StackProcess, child_pids, process_exists
+
+
+def wait_ready(base: str, key: str, timeout_s: float = 120.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    body: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{base}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+            body = response.json()
+            if response.status_code == 200:
+                return body
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"/ready not 200 after {timeout_s} s: {body}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_one_command_serves_a_job_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    port = free_port()
+    stack = StackProcess(["--port", str(port), "--data-dir", str(tmp_path / "data"), "--workers", "1",
+                          "--finetune-workers", "1"])
+    try:
+        ready_line = stack.wait_for_line("urae-serve: ready")
+        key = stack.api_key()
+        assert f"http://127.0.0.1:{port}/#key={key}" in stack.output
+        children = child_pids(stack.proc.pid)
+        commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in children}
+        assert sum("redis-server" in c for c in commands.values()) == 1, commands
+        assert sum("service.app" in c for c in commands.values()) == 1, commands
+        assert sum("--queues generate" in c for c in commands.values()) == 1, commands
+        assert sum("--queues finetune" in c for c in commands.values()) == 1, commands
+
+        base = f"http://127.0.0.1:{port}"
+        body = wait_ready(base, key)
+        assert body["model"] == "tiny" and body["live_workers"] == 1, ready_line
+        # The generated key is the only way in.
+        assert httpx.get(f"{base}/ready", timeout=5).status_code == 401
+
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+            submitted = http.post("/generate", json={"prompt": "a red fox", "width": 96, "height": 64, "steps": 2, "seed": 3})
+            assert submitted.status_code == 202, submitted.text
+            job_id = submitted.json()["id"]
+            deadline = time.monotonic() + 60
+            job = submitted.json()
+            while job["status"] not in ("finished", "failed", "canceled") and time.monotonic() < deadline:
+                time.sleep(0.1)
+                job = http.get(f"/jobs/{job_id}").json()
+            assert job["status"] == "finished", job
+            image = http.get(job["links"]["images"][0])
+            assert image.status_code == 200
+            assert Image.open(io.BytesIO(image.content)).size == (96, 64)
+        # The result lies in the data directory the command announced.
+        assert list((tmp_path / "data" / "storage" / "jobs" / job_id).glob("0.png"))
+        redis_port = int(stack.wait_for_line("Redis").split("127.0.0.1:")[1].split("/")[0])
+        assert port_open(redis_port) and port_open(port)
+
+        assert stack.interrupt() == 0, stack.output
+        assert "urae-serve: stopped" in stack.output
+        left = {pid: commands[pid] for pid in children if process_exists(pid)}
+        assert not left, f"still running after Ctrl-C: {left}"
+        assert not port_open(port) and not port_open(redis_port)
+        # Redis kept its data on disk (append-only file) for the next start.
+        assert list((tmp_path / "data" / "redis").rglob("*.aof"))
+    finally:
+        stack.kill()
+
+
+def test_a_busy_port_is_refused_in_one_line_and_nothing_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stack = StackProcess(["--port", str(port), "--data-dir", str(tmp_path / "data")])
+        code = stack.proc.wait(timeout=30)
+        stack.interrupt()
+    assert code == 1
+    assert f"urae-serve: port {port} on 127.0.0.1 is in use" in stack.output
+    assert "Traceback" not in stack.output
+    assert not (tmp_path / "data" / "redis").exists()
+
+
+def test_without_redis_server_it_says_how_to_get_one(tmp_path: Path) -> None:
+    # Only the virtual environment on PATH: no redis-server to be found.
+    stack = StackProcess(["--port", str(free_port()), "--data-dir", str(tmp_path / "data")],
+                         env={"PATH": str(Path(sys.executable).parent)})
+    code = stack.proc.wait(timeout=30)
+    stack.interrupt()
+    assert code == 1
+    assert "redis-server not found: install it (apt-get install redis-server) or set URAE_REDIS_URL" in stack.output
+    assert "Traceback" not in stack.output
+    assert os.listdir(tmp_path / "data" / "logs") == []

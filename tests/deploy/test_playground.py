@@ -1,0 +1,141 @@
+"""The browser playground in a real headless Chromium against a running stack (tiny model)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.deploy.conftest import ServedStack
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Records every value the progress bars take, as the user would have seen them.
+WATCH_PROGRESS = """
+window.progressSeen = [];
+new MutationObserver(() => {
+  for (const bar of document.querySelectorAll('.job progress')) {
+    const v = Number(bar.value);
+    if (window.progressSeen[window.progressSeen.length - 1] !== v) window.progressSeen.push(v);
+  }
+}).observe(document.getElementById('gallery'), {subtree: true, attributes: true, childList: true,
+                                                characterData: true});
+"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_playground_is_served_at_the_root_without_a_key(served_stack: ServedStack) -> None:
+    page = httpx.get(served_stack.base_url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script src="/playground/playground.js">' in page.text
+    for asset, kind in (("playground.js", "text/javascript"), ("playground.css", "text/css")):
+        response = httpx.get(f"{served_stack.base_url}/playground/{asset}", timeout=10)
+        assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+    assert httpx.get(f"{served_stack.base_url}/playground/..%2Fapp.py", timeout=10).status_code == 404
+    assert httpx.get(f"{served_stack.base_url}/playground/index.html.bak", timeout=10).status_code == 404
+
+
+def test_generate_with_live_progress_see_the_image_then_cancel_another(
+    served_stack: ServedStack, page: Any, tmp_path: Path
+) -> None:
+    page.goto(served_stack.base_url + "/")
+    # Auth is on: the page asks for the key before anything else works.
+    page.wait_for_selector("#key-form:not([hidden])")
+    assert page.inner_text("#server-status") == "API key needed"
+    page.fill("#api-key", served_stack.api_key)
+    page.click("#save-key")
+    page.wait_for_function("document.querySelector('#server-status').classList.contains('ready')")
+    assert page.inner_text("#server-status") == "tiny · 1 worker"
+    # Adapters come from GET /adapters, each with a weight.
+    page.wait_for_selector(".adapter[data-name='urae-2k']")
+
+    page.evaluate(WATCH_PROGRESS)
+    page.fill("#prompt", "a lighthouse on a cliff at dusk")
+    page.select_option("#preset", "custom")
+    page.fill("#width", "128")
+    page.fill("#height", "64")
+    page.fill("#steps", "6")
+    page.fill("#seed", "42")
+    page.check(".adapter[data-name='urae-2k'] input[type=checkbox]")
+    page.fill(".adapter[data-name='urae-2k'] .weight", "0.5")
+    page.click("#submit")
+
+    card = page.locator(".job").first
+    page.wait_for_selector(".job[data-status='finished'] .results img", timeout=90_000)
+    assert card.locator("progress").evaluate("bar => bar.value") == 100
+    seen = page.evaluate("window.progressSeen")
+    assert seen[-1] == 100 and any(0 < v < 100 for v in seen), seen
+    assert seen == sorted(seen), f"progress went backwards: {seen}"
+    card.locator(".results img").evaluate("img => img.decode()")
+    assert card.locator(".results img").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [128, 64]
+    meta = card.locator(".meta").inner_text()
+    assert "128×64" in meta and "42" in meta and "urae-2k" in meta
+    download = card.locator("a.download")
+    assert download.get_attribute("download").endswith("-0.png")
+    assert download.inner_text() == "Download 128×64 PNG"
+    assert card.locator(".cancel").is_hidden()
+
+    # A long job: cancel it while it denoises; it ends canceled, without an image.
+    page.fill("#width", "512")
+    page.fill("#height", "512")
+    page.fill("#steps", "100")
+    page.uncheck(".adapter[data-name='urae-2k'] input[type=checkbox]")
+    page.fill("#prompt", "a very slow one")
+    page.click("#submit")
+    page.wait_for_function(
+        "document.querySelectorAll('.job').length === 2 && "
+        "document.querySelector('.job').dataset.status === 'started' && "
+        "document.querySelector('.job progress').value > 5",
+        timeout=60_000,
+    )
+    long_card = page.locator(".job").first
+    long_card.locator(".cancel").click()
+    page.wait_for_selector(".job[data-status='canceled']", timeout=60_000)
+    assert long_card.locator(".results img").count() == 0
+    assert long_card.locator("progress").evaluate("bar => bar.value") < 100
+    assert "canceled" in long_card.locator(".error").inner_text()
+    page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+
+    # The gallery survives a reload (the key and the jobs are remembered in this browser).
+    page.reload()
+    page.wait_for_selector(".job[data-status='finished'] .results img")
+    assert page.locator(".job").count() == 2
+
+
+def test_a_refused_request_shows_the_servers_message(served_stack: ServedStack, page: Any) -> None:
+    page.goto(f"{served_stack.base_url}/#key={served_stack.api_key}")
+    page.wait_for_function("document.querySelector('#server-status').classList.contains('ready')")
+    # The key came in the fragment; the page removed it from the address bar.
+    assert "#key=" not in page.url
+    page.fill("#prompt", "too many steps")
+    page.select_option("#preset", "custom")
+    page.fill("#steps", "500")
+    page.evaluate("document.getElementById('steps').removeAttribute('max')")
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('message').textContent.length > 0")
+    assert page.inner_text("#message").startswith("steps:")
+    assert page.locator(".job").count() == 0

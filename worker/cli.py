@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     if kind == JobKind.GENERATE:
         if not _load_model(rt):
             raise SystemExit(1)
+    else:
+        # Import the training code once here, so every forked job process starts with it loaded.
+        # Importing torch does not initialise CUDA, so the children can still use the GPU.
+        import urae.train  # noqa: F401
     info = {"model": settings.model, "device": settings.device, "pid": os.getpid(), "queues": queues,
             "kinds": [str(kind)] if kind == JobKind.FINETUNE else [str(JobKind.GENERATE), str(JobKind.ADAPTER_IMPORT)],
             "max_pixels": settings.max_pixels, "started_at": time.time()}

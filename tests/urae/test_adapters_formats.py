@@ -392,3 +392,28 @@ def test_header_length_starting_like_a_pickle_is_still_safetensors(tmp_path: Pat
             break
     assert path.read_bytes()[0] == 0x80
     assert inspect_adapter(path, transformer).fits_base is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_written_files_are_standard_safetensors_with_sorted_metadata(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    layers = {m: (up.to(dtype), down.to(dtype)) for m, (up, down) in random_layers().items()}
+    path = save_lora(tmp_path / "w.safetensors", layers, metadata={"zeta": "1", "alpha": "2", "mid": "3"})
+    loaded = load_file(path)
+    for module, (up, down) in layers.items():
+        assert loaded[f"transformer.{module}.lora_B.weight"].dtype == dtype
+        assert torch.equal(loaded[f"transformer.{module}.lora_B.weight"], up)
+        assert torch.equal(loaded[f"transformer.{module}.lora_A.weight"], down)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["zeta"] == "1"
+    # Metadata in sorted order: the same content gives the same bytes (and SHA-256) in any process.
+    raw_header = path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")]
+    assert list(json.loads(raw_header)["__metadata__"]) == sorted(json.loads(raw_header)["__metadata__"])
+    again = save_lora(
+        tmp_path / "again.safetensors", layers, metadata={"mid": "3", "alpha": "2", "zeta": "1"}
+    )
+    assert again.read_bytes() == path.read_bytes()

@@ -31,7 +31,7 @@ HUB_FILENAMES = {
 TINY_MODEL_IDS = ("tiny", "tiny-schnell")
 DEFAULT_TINY_CACHE = Path("~/.cache/urae/tiny-adapters")
 # Bump when the generated tiny files change, so that stale caches are not reused.
-TINY_ADAPTER_VERSION = "v1"
+TINY_ADAPTER_VERSION = "v2"
 TINY_RANK = 16  # URAE's rank for both the 2K LoRA and the 4K minor components
 # ||B A|| relative to ||W||: a trained LoRA moves a weight by a few percent.
 TINY_LORA_RELATIVE_NORM = 0.05

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from urae.adapters.formats import (
@@ -18,6 +17,7 @@ from urae.adapters.formats import (
     load_lora_state_dict,
     save_lora,
     write_atomically,
+    write_safetensors,
 )
 from urae.adapters.minor_components import difference_lora, linear_weight, svd_split
 from urae.errors import AdapterFormatError
@@ -105,5 +105,5 @@ def prepare_for_serving(
         metadata = {"format": "pt", **info.metadata, "urae_format": AdapterFormat.LORA.value}
         # Alpha is folded into B now; a recorded peft config would scale it a second time.
         metadata.pop("lora_adapter_metadata", None)
-        write_atomically(dest, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        write_atomically(dest, lambda tmp: write_safetensors(tmp, tensors, metadata))
     return inspect_adapter(dest, transformer)

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from urae.errors import (
@@ -483,7 +482,53 @@ def save_lora(
         k: v.detach().to("cpu").contiguous().clone() for k, v in _diffusers_state_dict(prepared).items()
     }
     header_metadata = {"format": "pt", **dict(metadata or {}), "urae_format": AdapterFormat.LORA.value}
-    return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=header_metadata))
+    return write_atomically(path, lambda tmp: write_safetensors(tmp, tensors, header_metadata))
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file whose bytes depend only on its content.
+
+    The safetensors library writes ``__metadata__`` in hash-map order, which changes from process to
+    process; the registry and the built-in adapters identify files by SHA-256, so keys are sorted here.
+    """
+    if metadata is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _fail(HeaderFormatError, Path(path), "metadata must map strings to strings")
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        if tensor.dtype not in _TORCH_TO_SAFETENSORS:
+            raise _fail(
+                TensorDtypeError,
+                Path(path),
+                f"tensor {name} is {tensor.dtype}; only float16, bfloat16, float32",
+            )
+        # Reinterpreting as bytes gives the machine's byte order: little-endian, as safetensors requires,
+        # on every platform torch serves FLUX from.
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {
+            "dtype": _TORCH_TO_SAFETENSORS[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for blob in blobs:
+            f.write(blob)
 
 
 def write_atomically(path: Path, write: Any) -> Path:
@@ -519,5 +564,5 @@ def save_minor_components(
         tensors[minor_component_key(module, "b")] = b.detach().contiguous().clone()
     return write_atomically(
         Path(path),
-        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "urae_format": "minor_components"}),
+        lambda tmp: write_safetensors(tmp, tensors, {"format": "pt", "urae_format": "minor_components"}),
     )

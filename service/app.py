@@ -115,22 +115,15 @@ def main() -> None:
 
     import uvicorn
 
-    from service.settings import InsecureSettingsError
+    from service.settings import SettingsError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings()
-    except (InsecureSettingsError, ValueError) as exc:
-        print(f"urae-api: refusing to start: {_first_line(exc)}", file=sys.stderr)
+    except SettingsError as exc:
+        print(f"urae-api: refusing to start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     host = os.environ.get("URAE_API_HOST", "127.0.0.1")
     port = int(os.environ.get("URAE_API_PORT", "8000"))
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc)
-    for marker in ("no API keys", "URAE_DEV_OPEN_ACCESS"):
-        if marker in text:
-            return text[text.index(marker):].splitlines()[0]
-    return text.splitlines()[0]

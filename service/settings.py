@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("urae.service")
@@ -16,6 +16,10 @@ log = logging.getLogger("urae.service")
 
 class InsecureSettingsError(ValueError):
     """The configuration would expose the service without authentication."""
+
+
+class SettingsError(Exception):
+    """The environment does not make a usable configuration; the message is one readable line."""
 
 
 class Settings(BaseSettings):
@@ -108,5 +112,13 @@ def hash_api_key(key: str) -> str:
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, read once from the environment."""
-    return Settings()
+    """The process's settings, read once from the environment. Raises SettingsError."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            message = str(error["msg"]).removeprefix("Value error, ")
+            field = ".".join(str(p) for p in error["loc"])
+            problems.append(f"URAE_{field.upper()}: {message}" if field else message)
+        raise SettingsError("; ".join(problems)) from None

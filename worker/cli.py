@@ -29,7 +29,7 @@ from rq.serializers import JSONSerializer
 
 from service.contract import FINETUNE_QUEUE, GENERATE_QUEUES, JobKind
 from service.records import publish_worker, remove_worker
-from service.settings import InsecureSettingsError, get_settings
+from service.settings import SettingsError, get_settings
 from worker.runtime import Runtime, init_runtime
 
 log = logging.getLogger("urae.worker")
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings()
-    except (InsecureSettingsError, ValueError) as exc:
-        print(f"urae-worker: refusing to start: {str(exc).splitlines()[-1].strip()}", file=sys.stderr)
+    except SettingsError as exc:
+        print(f"urae-worker: refusing to start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     overrides = {k: v for k, v in {"model": args.model, "device": args.device, "dtype": args.dtype,
                                    "worker_max_pixels": args.max_pixels}.items() if v is not None}

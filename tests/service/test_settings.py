@@ -1,0 +1,48 @@
+"""Insecure configurations are refused; keys are compared as digests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from service.auth import OPEN_ACCESS_OWNER, Unauthorized, authenticate
+from service.settings import Settings, hash_api_key
+
+
+def test_no_keys_and_no_open_access_is_refused() -> None:
+    with pytest.raises(ValidationError, match="no API keys"):
+        Settings(api_keys="", dev_open_access=False)
+
+
+def test_open_access_outside_development_is_refused() -> None:
+    with pytest.raises(ValidationError, match="only allowed with URAE_ENV=development"):
+        Settings(env="production", dev_open_access=True)
+
+
+def test_open_access_in_development_lets_anyone_in() -> None:
+    settings = Settings(env="development", dev_open_access=True)
+    assert authenticate(settings, None) == OPEN_ACCESS_OWNER
+
+
+def test_keys_and_hashes_both_authenticate() -> None:
+    settings = Settings(api_keys="alpha, beta", api_key_hashes=hash_api_key("gamma"))
+    for key in ("alpha", "beta", "gamma"):
+        assert authenticate(settings, f"Bearer {key}")
+    for header in (None, "Bearer delta", "alpha", "Token alpha"):
+        with pytest.raises(Unauthorized):
+            authenticate(settings, header)
+    assert "alpha" not in repr(settings.key_hashes)
+
+
+@pytest.mark.parametrize("program", [["-m", "worker"], ["-c", "from service.app import main; main()"]])
+def test_entry_points_refuse_to_start_without_keys(program: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("URAE_")}
+    result = subprocess.run([sys.executable, *program], env=env, capture_output=True, text=True, timeout=60,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert result.returncode == 2
+    assert "refusing to start" in result.stderr and "URAE_API_KEYS" in result.stderr
+    assert "Traceback" not in result.stderr

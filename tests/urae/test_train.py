@@ -206,6 +206,15 @@ def test_resume_after_cancel_equals_an_uninterrupted_run(
             torch.testing.assert_close(f1.get_tensor(key), f2.get_tensor(key), atol=1e-6, rtol=0)
 
 
+def test_cancel_while_caching_keeps_the_finished_items(dataset: Path, tmp_path: Path) -> None:
+    config = tiny_config(dataset, tmp_path / "out", tmp_path / "cache")
+    with pytest.raises(TrainingCanceled) as canceled:
+        train(config, should_cancel=lambda: True)
+    assert canceled.value.step == 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert not (tmp_path / "out" / "adapter.safetensors").exists()
+
+
 def test_resume_refuses_a_checkpoint_made_with_other_settings(dataset: Path, cache_dir: Path, tmp_path: Path) -> None:
     train(tiny_config(dataset, tmp_path / "out", cache_dir, steps=2))
     with pytest.raises(InvalidSpecError, match="rank"):

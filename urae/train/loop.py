@@ -83,8 +83,9 @@ def train(
 ) -> TrainResult:
     """Run a whole training: dataset check, cache, adaptation, export (see the module docstring).
 
-    ``should_cancel()`` is polled at every step boundary; True saves a checkpoint and raises
-    :class:`TrainingCanceled`. A bad dataset raises DatasetError before any model is loaded.
+    ``should_cancel()`` is polled between cached items and at every step boundary; True raises
+    :class:`TrainingCanceled` (during training after saving a checkpoint). A bad dataset raises
+    DatasetError before any model is loaded.
     """
     config.validate()
     report = on_progress or (lambda progress: None)
@@ -107,6 +108,9 @@ def train(
         def on_item(done: int, total: int) -> None:
             eta = (time.monotonic() - started) / done * (total - done)
             report(TrainProgress(done, total, math.nan, eta, "cache"))
+            # Caching thousands of 4K images takes long: cancel between items too (finished items stay).
+            if should_cancel is not None and done < total and should_cancel():
+                raise TrainingCanceled(0, config.steps)
 
         cache_dataset(
             pipe,

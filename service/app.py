@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -101,9 +102,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": str(exc)}, 400)
 
 
-def _plain(errors: object) -> list[dict[str, object]]:
-    out = []
-    for e in errors:  # type: ignore[attr-defined]
+def _plain(errors: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for e in errors:
         out.append({"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))})
     return out
 

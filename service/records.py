@@ -85,6 +85,10 @@ def rq_queue(conn: redis.Redis, name: str) -> Queue:
     return Queue(name, connection=conn, serializer=JSONSerializer)
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -131,7 +135,7 @@ class JobRecords:
             "error": "",
         }
         pipe = self.conn.pipeline()
-        pipe.hset(job_key(job_id), mapping=self._encode(record))
+        pipe.hset(job_key(job_id), mapping=self._encode(record))  # type: ignore[arg-type]
         pipe.xadd(job_events_key(job_id), {"data": _dumps({"type": "status", "status": "queued"})})
         pipe.hincrby(JOB_COUNTS_KEY, str(JobStatus.QUEUED), 1)
         pipe.expire(job_key(job_id), self.result_ttl_s)
@@ -160,7 +164,7 @@ class JobRecords:
 
     def status(self, job_id: str) -> str | None:
         value = self.conn.hget(job_key(job_id), "status")
-        return value.decode() if value is not None else None
+        return _text(value) if value is not None else None
 
     def queue_position(self, record: dict[str, Any]) -> int | None:
         """0 = next to run. Jobs in higher-priority queues count as ahead of this one."""
@@ -307,7 +311,7 @@ class JobRecords:
         any number of times: HDEL decides which caller handles a job."""
         reaped: list[str] = []
         for raw_id, raw_worker in self.conn.hgetall(RUNNING_JOBS_KEY).items():
-            job_id, worker = raw_id.decode(), raw_worker.decode()
+            job_id, worker = _text(raw_id), _text(raw_worker)
             if self.conn.exists(job_lease_key(job_id)):
                 continue
             if self.conn.hdel(RUNNING_JOBS_KEY, job_id) != 1:
@@ -330,10 +334,10 @@ class JobRecords:
     def _encode(self, record: dict[str, Any]) -> dict[str, str]:
         return {k: _dumps(v) if k in self.JSON_FIELDS else str(v) for k, v in record.items()}
 
-    def _decode(self, raw: dict[bytes, bytes]) -> dict[str, Any]:
+    def _decode(self, raw: Any) -> dict[str, Any]:
         record: dict[str, Any] = {}
         for k, v in raw.items():
-            key, text = k.decode(), v.decode()
+            key, text = _text(k), _text(v)
             record[key] = json.loads(text) if key in self.JSON_FIELDS else text
         for key in ("created_at", "started_at", "ended_at", "enqueued_at"):
             if record.get(key):
@@ -367,7 +371,7 @@ def publish_worker(conn: redis.Redis, name: str, info: dict[str, Any], ttl_s: fl
 
 def live_workers(conn: redis.Redis) -> list[dict[str, Any]]:
     """Heartbeat records of every worker alive now; forgets the names of dead ones."""
-    names = [n.decode() for n in conn.smembers(WORKERS_KEY)]
+    names = [_text(n) for n in conn.smembers(WORKERS_KEY)]
     if not names:
         return []
     values = conn.mget([worker_key(n) for n in names])

@@ -9,7 +9,7 @@ the deleted adapter; a job already running keeps the weights it loaded.
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Path, UploadFile
 from fastapi.responses import JSONResponse
@@ -34,7 +34,7 @@ from service.uploads import UploadError, check_safetensors, spooled_upload
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 AdapterName = Annotated[str, Path(pattern=ADAPTER_NAME_PATTERN, description="lower-case letters, digits, - and _")]
-ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
 
 
 def _builtin(name: str) -> AdapterPublic:
@@ -100,8 +100,8 @@ def adapter_upload(
             check_safetensors(tmp)
             storage.put_file(key, tmp)
     except UploadError as exc:
-        status = 413 if "larger than the limit" in str(exc) else 422
-        raise ApiError(status, str(exc), field="file") from None
+        code = 413 if "larger than the limit" in str(exc) else 422
+        raise ApiError(code, str(exc), field="file") from None
 
     payload = AdapterImportPayload(job_id=job_id, name=name, upload=key, description=description)
     record = records.create_and_enqueue(
@@ -110,8 +110,7 @@ def adapter_upload(
     )
     deadline = time.monotonic() + settings.adapter_import_wait_s
     while time.monotonic() < deadline:
-        status = records.status(job_id)
-        if status in TERMINAL_STATUSES:
+        if records.status(job_id) in TERMINAL_STATUSES:
             break
         time.sleep(0.05)
     record = records.get(job_id)

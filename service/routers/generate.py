@@ -50,13 +50,14 @@ def submit_generation(
         fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()[:16]
         existing = conn.get(claim)
         if existing is not None:
-            return _replay(existing.decode(), fingerprint, records, response)
+            return _replay(existing.decode() if isinstance(existing, bytes) else existing, fingerprint, records, response)
 
     check_queue_depth(conn, queue, settings)
     job_id = new_job_id()
     if claim is not None and not conn.set(claim, f"{job_id}:{fingerprint}", nx=True, ex=settings.idempotency_ttl_s):
         # Another request with this key won the race a moment ago.
-        return _replay(conn.get(claim).decode(), fingerprint, records, response)  # type: ignore[union-attr]
+        winner = conn.get(claim)
+        return _replay(winner.decode() if isinstance(winner, bytes) else str(winner), fingerprint, records, response)
 
     payload = GeneratePayload(
         job_id=job_id,

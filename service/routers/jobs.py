@@ -27,7 +27,7 @@ from service.schemas import ErrorBody, JobPublic, Links, Progress
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="32 lower-case hex digits")]
-NOT_FOUND = {404: {"model": ErrorBody}, 401: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}, 401: {"model": ErrorBody}, 422: {"model": ErrorBody}}
 
 
 def job_public(record: dict[str, Any], position: int | None = None) -> JobPublic:
@@ -126,7 +126,7 @@ async def _event_stream(aredis: aioredis.Redis, job_id: str, request: Request, k
     last_id = "0"
     while True:
         try:
-            batch = await aredis.xread({key: last_id}, count=200, block=int(keepalive_s * 1000))
+            batch: Any = await aredis.xread({key: last_id}, count=200, block=int(keepalive_s * 1000))
         except (aioredis.ConnectionError, aioredis.TimeoutError):
             yield "event: error\ndata: {\"detail\": \"event store unavailable\"}\n\n"
             return

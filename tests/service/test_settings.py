@@ -46,3 +46,11 @@ def test_entry_points_refuse_to_start_without_keys(program: list[str]) -> None:
     assert result.returncode == 2
     assert "refusing to start" in result.stderr and "URAE_API_KEYS" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_setting_is_documented_in_env_example() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    missing = [name for name in Settings.model_fields if f"URAE_{name.upper()}=" not in text]
+    assert missing == []

@@ -87,7 +87,7 @@ def encode_prompt(pipe: FluxPipeline, prompt: str, max_sequence_length: int) -> 
         embeds, pooled, _ = pipe.encode_prompt(
             prompt=prompt,
             prompt_2=None,
-            device=pipe.text_encoder_2.device,
+            device=pipe._execution_device,
             num_images_per_prompt=1,
             max_sequence_length=max_sequence_length,
         )

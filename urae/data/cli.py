@@ -37,7 +37,7 @@ def run_cache(args: argparse.Namespace) -> int:
     bucket_sizes(args.resolution)  # validates the resolution before any model is loaded
     items = scan_dataset(args.dataset, min_long_side=args.resolution // 2)
     device, dtype = resolve_device_dtype(args)
-    pipe = load_pipeline(args.model, device=device, dtype=dtype)
+    pipe = load_pipeline(args.model, device=device, dtype=dtype, offload=args.offload)
     cache_dir = args.cache_dir or default_cache_dir(args.dataset, args.resolution)
     report = cache_dataset(
         pipe,

@@ -65,6 +65,7 @@ def make_teacher(args: argparse.Namespace) -> Any:
         adapters=tuple(args.adapter),
         device=device,
         dtype=dtype,
+        offload=args.offload,
         overrides=overrides,
     )
 

@@ -207,6 +207,7 @@ class LocalTeacher:
         adapters: tuple[str, ...] = (),
         device: str = "cpu",
         dtype: str = "bfloat16",
+        offload: str | None = None,
         overrides: dict[str, Any] | None = None,
     ):
         from urae.generate import Generator
@@ -218,7 +219,7 @@ class LocalTeacher:
         self.aspect_ratio = aspect_ratio
         self.adapters = adapters
         self.overrides = dict(overrides or {})
-        self._generator = Generator.load(model_id, device=device, dtype=dtype)
+        self._generator = Generator.load(model_id, device=device, dtype=dtype, offload=offload)
         self._schnell = is_schnell(self._generator.pipe)
         self.spec_for("check", 0)  # bad settings fail before any prompt is run
 

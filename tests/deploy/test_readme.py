@@ -1,0 +1,145 @@
+"""The README stays true: its API walkthrough runs as written, every other command is run here or by CI,
+and its settings table lists every setting with its real default."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+from PIL import Image
+
+from service.settings import Settings
+from tests.conftest import REPO_ROOT
+from tests.deploy.conftest import ServedStack
+
+README = (REPO_ROOT / "README.md").read_text()
+CI_SCRIPT = (REPO_ROOT / ".ci" / "run").read_text()
+WALKTHROUGH_HEADING = "## The API by example"
+
+# Every README command outside the walkthrough, and where it is exercised. "ci": .ci/run runs it (checked
+# below); "test": a test in this file runs it; the rest name the test that runs its equivalent.
+EXERCISED = {
+    "urae-serve": "tests/deploy/test_local_stack.py (python -m service.local_stack, the script's target)",
+    "cp .env.example .env": "no Docker engine here: tests/deploy/test_compose.py checks what compose reads",
+    "docker compose up -d --build": "no Docker engine here: tests/deploy/test_compose.py",
+    "python3 -m venv .venv && . .venv/bin/activate": "ci",
+    "pip install torch==2.13.0": "ci",
+    'pip install -e ".[dev]"': "ci",
+    'urae generate "a lighthouse on a cliff at dusk" --model tiny --preset 2k --steps 4 -o lighthouse.png': "test",
+    "python -m pytest": "ci",
+}
+
+
+def bash_blocks(text: str) -> list[tuple[str, str]]:
+    """(heading of the section, body) of every ```bash block."""
+    blocks = []
+    for match in re.finditer(r"```bash\n(.*?)```", text, re.S):
+        heading = [h for h in re.findall(r"^#+ .*$", text[: match.start()], re.M)][-1]
+        blocks.append((heading, match.group(1)))
+    return blocks
+
+
+def commands(block: str) -> list[str]:
+    joined = re.sub(r"\\\n\s*", " ", block)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_every_readme_command_is_run_by_a_test_or_by_ci() -> None:
+    outside = [c for heading, body in bash_blocks(README) if not heading.startswith(WALKTHROUGH_HEADING)
+               for c in commands(body)]
+    unexercised = [c for c in outside if c not in EXERCISED]
+    assert not unexercised, f"README commands that nothing runs: {unexercised}"
+    ci_lines = {re.sub(r"^python -m pip install -q", "pip install", line.strip()) for line in CI_SCRIPT.splitlines()}
+    for command, where in EXERCISED.items():
+        assert command in outside, f"{command!r} is no longer in the README: drop it here"
+        if where == "ci":
+            for part in command.split(" && "):
+                assert part in ci_lines, f"{part!r} is not in .ci/run"
+    # The console script the quickstart names is the local stack that test_local_stack runs.
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["urae-serve"] == "service.local_stack:main"
+    assert "urae-serve --model black-forest-labs/FLUX.1-dev --workers 2" in README
+
+
+def test_readme_cpu_generation_command_makes_the_image(tmp_path: Path) -> None:
+    command = next(c for c in EXERCISED if c.startswith("urae generate"))
+    result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "lighthouse.png") as image:
+        assert image.size == (2048, 2048)
+
+
+def test_readme_help_flags_are_the_real_ones() -> None:
+    result = subprocess.run([sys.executable, "-m", "service.local_stack", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0
+    for flag in re.findall(r"`(--[a-z-]+)`", README.split("### A GPU host with Docker")[0]):
+        assert flag in result.stdout, f"README names {flag}, which urae-serve does not have"
+
+
+def _walkthrough() -> str:
+    blocks = [body for heading, body in bash_blocks(README) if heading.startswith(WALKTHROUGH_HEADING)]
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+def test_the_api_walkthrough_runs_as_written(served_stack: ServedStack, tmp_path: Path) -> None:
+    script = _walkthrough()
+    first, rest = script.split("\n", 1)
+    assert first == "export API=http://127.0.0.1:8000 KEY=paste-the-key-urae-serve-printed"
+    # Every endpoint of the API appears in it.
+    for route in ("/health", "/ready", "/metrics", "/generate", "/jobs/$JOB", "/jobs/$JOB/events",
+                  "/jobs/$JOB/images/0", "-X DELETE", "/adapters", "/adapters/urae-2k", "/adapters/my-style",
+                  "/finetune"):
+        assert route in rest, route
+    # The files the walkthrough uploads: a LoRA for the served (tiny) model and a small dataset.
+    from urae.adapters.builtin import tiny_adapter_path
+
+    lora = tiny_adapter_path("urae-2k", "tiny", tmp_path / "cache")
+    (tmp_path / "my-style.safetensors").write_bytes(lora.read_bytes())
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:
+        for i, color in enumerate(("red", "blue")):
+            png = io.BytesIO()
+            Image.new("RGB", (64, 64), color).save(png, "PNG")
+            archive.writestr(f"photo{i}.png", png.getvalue())
+            archive.writestr(f"photo{i}.txt", f"a {color} square")
+
+    script = f"set -euo pipefail\nexport API={served_stack.base_url} KEY={served_stack.api_key}\n{rest}"
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    out = result.stdout
+    assert '{"status":"ok"}' in out and '"status":"ready"' in out
+    assert "urae_queue_depth{" in out
+    assert "event: progress" in out and '"status": "finished"' in out
+    with Image.open(tmp_path / "fox.png") as image:
+        assert image.size == (256, 256)
+    assert '"name":"my-style"' in out and '"builtin":false' in out
+    assert '"kind":"finetune"' in out
+
+
+def _default_cell(value: object) -> str:
+    if value is None:
+        return "(none)"
+    if value == "":
+        return "(empty)"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    return f"`{value}`"
+
+
+def test_the_settings_table_lists_every_setting_with_its_default() -> None:
+    rows = dict(re.findall(r"^\| `(URAE_[A-Z0-9_]+)` \| ([^|]+) \|", README, re.M))
+    expected = {f"URAE_{name.upper()}": _default_cell(field.default) for name, field in Settings.model_fields.items()}
+    missing = sorted(set(expected) - set(rows))
+    assert not missing, "add to the README's settings table:\n" + "\n".join(
+        f"| `{n}` | {expected[n]} | ... |" for n in missing)
+    assert not set(rows) - set(expected) - {"URAE_MODEL"}, "the table lists settings that do not exist"
+    for name, cell in expected.items():
+        assert rows[name].strip() == cell, f"{name}: README says {rows[name].strip()}, Settings says {cell}"

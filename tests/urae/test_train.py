@@ -263,6 +263,7 @@ def test_config_validation_names_the_field() -> None:
         TrainConfig.from_dict({**base, "adapter_kind": "minor_components", "alpha": 32})
     with pytest.raises(InvalidSpecError, match="dataset_dir"):
         TrainConfig.from_dict({"output_dir": "o"})
+    assert TrainConfig.from_dict({**base, "learning_rate": "1e-4"}).learning_rate == 1e-4  # YAML reads 1e-4 as text
     config = TrainConfig.from_dict(base)
     assert TrainConfig.from_dict(config.to_dict()) == config
     assert (config.rank, config.targets, config.guidance, config.resolution) == (16, "urae", 1.0, 2048)

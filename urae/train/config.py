@@ -225,6 +225,9 @@ def _coerce(key: str, value: Any) -> Any:
             raise InvalidSpecError(key, f"must be true or false, got {value!r}")
         return value
     if key in _FLOAT_FIELDS:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-4` (no dot) as text.
+            value = _parse_number(key, value)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise InvalidSpecError(key, f"must be a finite number, got {value!r}")
         return float(value)
@@ -249,6 +252,13 @@ def _coerce(key: str, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidSpecError(key, f"must be an integer, got {value!r}")
     return value
+
+
+def _parse_number(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidSpecError(key, f"must be a finite number, got {text!r}") from None
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -250,3 +250,30 @@ def test_cli_convert_inspect_and_errors(tmp_path: Path, files: dict[str, Path]) 
     assert "format:     lora" in stdout and "rank:       48" in stdout
     assert "base model: fits tiny" in stdout
     assert "2 x transformer_blocks.*.attn.to_out.0" in stdout
+
+
+def test_fit_against_the_real_flux_architecture_without_weights(
+    tmp_path: Path, files: dict[str, Path]
+) -> None:
+    from urae.adapters.cli import shape_transformer
+
+    flux_dev = shape_transformer("black-forest-labs/FLUX.1-dev")
+    assert minor_component_targets(flux_dev) == URAE_4K_TARGETS
+    real_sized = save_lora(
+        tmp_path / "real.safetensors",
+        {
+            "transformer_blocks.18.attn.to_out.0": (torch.zeros(3072, 16), torch.zeros(16, 3072)),
+            "single_transformer_blocks.37.proj_out": (torch.zeros(3072, 4), torch.zeros(4, 15360)),
+        },
+    )
+    assert inspect_adapter(real_sized, flux_dev).fits_base is True
+    tiny_info = inspect_adapter(files["2k"], flux_dev)
+    assert tiny_info.fits_base is False
+    assert "adapter is 32 x 32, the layer is 3072 x 3072" in tiny_info.problems[0]
+    # The schnell architecture has no guidance embedder.
+    guidance = save_lora(
+        tmp_path / "guidance.safetensors",
+        {"time_text_embed.guidance_embedder.linear_1": (torch.zeros(3072, 2), torch.zeros(2, 256))},
+    )
+    assert inspect_adapter(guidance, flux_dev).fits_base is True
+    assert inspect_adapter(guidance, shape_transformer("black-forest-labs/FLUX.1-schnell")).fits_base is False

@@ -36,6 +36,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--model", default=os.environ.get("URAE_MODEL", DEFAULT_MODEL), help="base model (tiny works offline)"
     )
     convert.add_argument(
+        "--device",
+        default=None,
+        help="where the float64 SVDs run: cpu, cuda, cuda:1 ... (default: cuda if available)",
+    )
+    convert.add_argument(
         "-o", "--output", type=Path, default=None, help="output file (default: <source>_lora.safetensors)"
     )
     convert.set_defaults(func=run_convert)
@@ -46,14 +51,49 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=run_inspect)
 
 
+# FLUX.1's transformer architecture, to check an adapter's shapes without downloading 24 GB.
+FLUX_TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    axes_dims_rope=(16, 56, 56),
+)
+KNOWN_FLUX_MODELS = {"black-forest-labs/FLUX.1-dev": True, "black-forest-labs/FLUX.1-schnell": False}
+
+
+def shape_transformer(model_id: str) -> nn.Module:
+    """A transformer good for shape checks: FLUX.1 dev/schnell on the meta device (no weights), else loaded."""
+    if model_id in KNOWN_FLUX_MODELS:
+        from diffusers import FluxTransformer2DModel
+
+        with torch.device("meta"):
+            return FluxTransformer2DModel(
+                **FLUX_TRANSFORMER_CONFIG, guidance_embeds=KNOWN_FLUX_MODELS[model_id]
+            )
+    return load_transformer(model_id)
+
+
 def load_transformer(model_id: str) -> nn.Module:
-    """The base transformer in float32 on the CPU (conversion needs exact, not fast, arithmetic)."""
+    """The base transformer with its weights, on the CPU.
+
+    The tiny models are float32 (their random weights are); real FLUX.1 weights are bfloat16 on the
+    hub, so loading them as bfloat16 loses nothing and halves the memory. Conversion computes in
+    float64 either way.
+    """
+    from urae.tiny import TINY_MODEL_IDS
+
+    dtype = torch.float32 if model_id in TINY_MODEL_IDS else torch.bfloat16
     try:
         from urae.models import load_pipeline
     except ModuleNotFoundError as exc:
         if exc.name != "urae.models":
             raise
-        from urae.tiny import TINY_MODEL_IDS, build_tiny_pipeline
+        from urae.tiny import build_tiny_pipeline
 
         if model_id not in TINY_MODEL_IDS:
             raise ModelLoadError(
@@ -61,7 +101,7 @@ def load_transformer(model_id: str) -> nn.Module:
             ) from None
         pipe: Any = build_tiny_pipeline(model_id)
     else:
-        pipe = load_pipeline(model_id, device="cpu", dtype=torch.float32)
+        pipe = load_pipeline(model_id, device="cpu", dtype=dtype)
     transformer: nn.Module = pipe.transformer
     return transformer
 
@@ -72,7 +112,10 @@ def run_convert(args: argparse.Namespace) -> int:
     base_lora = resolve_adapter(args.base_lora, args.model) if args.base_lora else None
     transformer = load_transformer(args.model)
     output = args.output or default_converted_path(args.source)
-    path = convert_minor_components(args.source, transformer, base_lora=base_lora, out_path=output)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = convert_minor_components(
+        args.source, transformer, base_lora=base_lora, out_path=output, device=device
+    )
     info = inspect_adapter(path, transformer)
     print(
         f"wrote {path}: plain LoRA, rank {info.rank}, {len(info.targets)} modules, {info.num_parameters:,} parameters"
@@ -81,7 +124,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    transformer = load_transformer(args.model) if args.model else None
+    transformer = shape_transformer(args.model) if args.model else None
     info = inspect_adapter(args.file, transformer)
     print(format_info(info, args.model))
     return 0 if info.fits_base is not False else 1

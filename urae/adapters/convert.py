@@ -35,6 +35,7 @@ def convert_minor_components(
     base_lora: str | os.PathLike[str] | None = None,
     out_path: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Convert a URAE minor-component file into a plain LoRA for the ORIGINAL ``transformer`` weights.
 
@@ -42,8 +43,11 @@ def convert_minor_components(
     4K file; None for a minor-component fine-tune of the plain base). Per target, with W the fused
     weight and B0 A0 its r smallest components: delta = B A - B0 A0 + B2k A2k, stored as the rank
     2r + r2k stack [B | -B0 | B2k] [A; A0; A2k]. Modules only the base LoRA touches keep its pair.
-    The transformer is not modified. Returns the written path.
+    The transformer is not modified. ``dtype`` is the output's; ``device`` is where the float64 SVDs
+    run (default CPU; a 3072 x 3072 split takes ~100 s on two CPU cores, so use a GPU for the real
+    model's 190 matrices). Returns the written path.
     """
+    svd_device = torch.device(device) if device is not None else torch.device("cpu")
     path_4k = Path(path_4k)
     adapter_format, minor = load_adapter_layers(path_4k, transformer)
     if adapter_format is not AdapterFormat.MINOR_COMPONENTS:
@@ -66,12 +70,12 @@ def convert_minor_components(
             layers[module] = (extra[0].to(dtype), extra[1].to(dtype))
             continue
         # Work on a float64 copy of the original weight: the transformer stays untouched.
-        w64 = linear_weight(transformer, module).detach().to(torch.float64)
+        w64 = linear_weight(transformer, module).detach().to(svd_device, torch.float64)
         if extra is not None:
-            w64 = w64 + extra[0] @ extra[1]
+            w64 = w64 + extra[0].to(svd_device) @ extra[1].to(svd_device)
         b, a = minor[module]
         _, b0, a0 = svd_split(w64, a.shape[0])
-        up, down = difference_lora(b.to(torch.float64), a.to(torch.float64), b0, a0, extra)
+        up, down = difference_lora(b.to(torch.float64), a.to(torch.float64), b0.cpu(), a0.cpu(), extra)
         layers[module] = (up.to(dtype), down.to(dtype))
     metadata = {
         "urae_source_format": AdapterFormat.MINOR_COMPONENTS.value,

@@ -6,6 +6,9 @@ live worker can serve is refused at once instead of waiting forever.
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from typing import Any
 
 import redis
@@ -37,9 +40,10 @@ def check_adapters_exist(conn: redis.Redis, names: list[str]) -> None:
             raise ApiError(422, f"adapter {name!r} does not exist (see GET /adapters)", field=f"adapters[{index}].name")
 
 
-def check_queue_depth(conn: redis.Redis, queue: str, settings: Settings) -> None:
-    """429 with Retry-After when the queue already holds its maximum."""
-    depth = int(conn.llen(rq_queue_key(queue)))
+def check_queue_depth(conn: redis.Redis, queue: str, settings: Settings, depth: int | None = None) -> None:
+    """429 with Retry-After when the queue already holds its maximum (``depth``: already read)."""
+    if depth is None:
+        depth = int(conn.llen(rq_queue_key(queue)))
     if depth >= settings.max_queue_depth:
         raise ApiError(
             429,
@@ -53,9 +57,33 @@ def serving_workers(conn: redis.Redis, settings: Settings, kind: JobKind) -> lis
     return [w for w in live_workers(conn) if w.get("model") == settings.model and kind in w.get("kinds", ())]
 
 
-def check_capability(conn: redis.Redis, settings: Settings, width: int, height: int) -> None:
+class WorkerDirectory:
+    """The live workers, re-read at most every ``max_age_s``: admission of every request needs them,
+    and heartbeats change them only every few seconds."""
+
+    def __init__(self, max_age_s: float):
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._read_at = -math.inf
+        self._workers: list[dict[str, Any]] = []
+
+    def serving(self, conn: redis.Redis, settings: Settings, kind: JobKind) -> list[dict[str, Any]]:
+        with self._lock:
+            if time.monotonic() - self._read_at >= self.max_age_s:
+                self._workers = live_workers(conn)
+                self._read_at = time.monotonic()
+            workers = self._workers
+        return [w for w in workers if w.get("model") == settings.model and kind in w.get("kinds", ())]
+
+
+def check_capability(
+    conn: redis.Redis, settings: Settings, width: int, height: int, directory: WorkerDirectory | None = None
+) -> None:
     """Refuse a size that no live worker advertises it can generate."""
-    workers = serving_workers(conn, settings, JobKind.GENERATE)
+    if directory is not None:
+        workers = directory.serving(conn, settings, JobKind.GENERATE)
+    else:
+        workers = serving_workers(conn, settings, JobKind.GENERATE)
     if not workers:
         if settings.require_live_worker:
             raise ApiError(
@@ -74,7 +102,8 @@ def check_capability(conn: redis.Redis, settings: Settings, width: int, height: 
         )
 
 
-def total_generate_depth(conn: redis.Redis) -> dict[str, int]:
+def generate_queue_lengths(conn: redis.Redis) -> dict[str, int]:
+    """Length of every generation queue, in priority order (one round trip)."""
     pipe = conn.pipeline(transaction=False)
     for name in GENERATE_QUEUES:
         pipe.llen(rq_queue_key(name))

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.admission import ApiError
+from service.admission import ApiError, WorkerDirectory
 from service.records import JobRecords, connect
 from service.routers import adapters, finetune, generate, health, jobs, playground
 from service.settings import Settings, get_settings
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.records = JobRecords(app.state.redis, settings.result_ttl_s)
         app.state.storage = LocalStorage(settings.storage_dir)
+        app.state.workers = WorkerDirectory(settings.worker_info_cache_s)
         stop = threading.Event()
         reaper = threading.Thread(target=_reaper, args=(app.state.records, settings, stop), name="reaper", daemon=True)
         reaper.start()

@@ -115,9 +115,12 @@ class JobRecords:
         owner: str = "",
         timeout_s: int = 3600,
     ) -> dict[str, Any]:
-        """Write a queued record and put the job on its RQ queue; returns the record."""
+        """Write a queued record and put the job on its RQ queue, in one transaction (one round trip).
+
+        Returns the record, with ``queue_length`` (the queue's length right after the push) added.
+        """
         now = time.time()
-        record = {
+        record: dict[str, Any] = {
             "id": job_id,
             "kind": str(kind),
             "status": str(JobStatus.QUEUED),
@@ -135,16 +138,21 @@ class JobRecords:
             "error": "",
         }
         pipe = self.conn.pipeline()
+        pipe.multi()
         pipe.hset(job_key(job_id), mapping=self._encode(record))  # type: ignore[arg-type]
         pipe.xadd(job_events_key(job_id), {"data": _dumps({"type": "status", "status": "queued"})})
         pipe.hincrby(JOB_COUNTS_KEY, str(JobStatus.QUEUED), 1)
         pipe.expire(job_key(job_id), self.result_ttl_s)
         pipe.expire(job_events_key(job_id), self.result_ttl_s)
-        pipe.execute()
-        self._enqueue(job_id, job_id, kind, queue, payload, timeout_s)
+        self._enqueue(job_id, job_id, kind, queue, payload, timeout_s, pipe)
+        pipe.llen(rq_queue_key(queue))
+        record["queue_length"] = int(pipe.execute()[-1])
         return record
 
-    def _enqueue(self, rq_id: str, job_id: str, kind: JobKind | str, queue: str, payload: dict[str, Any], timeout_s: int) -> None:
+    def _enqueue(
+        self, rq_id: str, job_id: str, kind: JobKind | str, queue: str, payload: dict[str, Any], timeout_s: int,
+        pipeline: Any = None,
+    ) -> None:
         rq_queue(self.conn, queue).enqueue_call(
             JOB_FUNCTIONS[JobKind(kind)],
             args=(payload,),
@@ -153,6 +161,7 @@ class JobRecords:
             result_ttl=3600,
             failure_ttl=self.result_ttl_s,
             description=f"{kind} {job_id}",
+            pipeline=pipeline,
         )
 
     def get(self, job_id: str) -> dict[str, Any]:

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     device: str = "cuda"
     dtype: str = "bfloat16"
     offload: str | None = None
+    # CPU threads torch may use in a worker (None: torch's default, all cores). A CPU worker that
+    # shares its host with the API leaves the API a core with 1.
+    torch_threads: int | None = Field(default=None, ge=1)
     adapter_capacity: int = Field(default=8, ge=1)
     hotswap_rank: int | None = Field(default=64, ge=1)
     adapter_cache_dir: Path | None = None
@@ -53,6 +56,8 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=10, ge=1)
     # With no live worker for the model at all: queue anyway (False) or answer 503 (True).
     require_live_worker: bool = False
+    # How long the API reuses the list of live workers (capabilities) for admission; 0: every request.
+    worker_info_cache_s: float = Field(default=1.0, ge=0)
     job_timeout_s: int = Field(default=3600, ge=1)
     finetune_timeout_s: int = Field(default=6 * 3600, ge=1)
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)

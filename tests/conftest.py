@@ -99,6 +99,8 @@ def service_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dic
         "URAE_REAPER_INTERVAL_S": "0.5",
         "URAE_SHUTDOWN_GRACE_S": "2",
         "URAE_ADAPTER_IMPORT_WAIT_S": "30",
+        # Tests change the set of workers and look at once.
+        "URAE_WORKER_INFO_CACHE_S": "0",
     }
 
 

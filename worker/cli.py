@@ -143,6 +143,10 @@ def _load_model(rt: Runtime) -> bool:
 
     s = rt.settings
     started = time.monotonic()
+    if s.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(s.torch_threads)
     try:
         rt.generator = Generator.load(
             s.model, device=s.device, dtype=s.dtype, offload=s.offload, adapter_resolver=rt.resolve_adapter,

@@ -7,10 +7,23 @@ import re
 import secrets
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Request, Response
 
-from service.admission import ApiError, check_adapters_exist, check_capability, check_queue_depth
-from service.contract import MAX_SEED, GeneratePayload, JobKind, generate_queue, idempotency_key
+from service.admission import (
+    ApiError,
+    check_adapters_exist,
+    check_capability,
+    check_queue_depth,
+    generate_queue_lengths,
+)
+from service.contract import (
+    GENERATE_QUEUES,
+    MAX_SEED,
+    GeneratePayload,
+    JobKind,
+    generate_queue,
+    idempotency_key,
+)
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep
 from service.records import new_job_id
 from service.routers.jobs import job_public
@@ -29,6 +42,7 @@ _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 )
 def submit_generation(
     body: GenerateRequest,
+    request: Request,
     response: Response,
     owner: ApiKeyDep,
     settings: SettingsDep,
@@ -39,7 +53,7 @@ def submit_generation(
     """Queue a text-to-image job. Repeating a request with the same ``Idempotency-Key`` returns the same job."""
     width, height = body.size()
     check_adapters_exist(conn, [a.name for a in body.adapters])
-    check_capability(conn, settings, width, height)
+    check_capability(conn, settings, width, height, request.app.state.workers)
     queue = generate_queue(body.priority)
 
     claim: str | None = None
@@ -52,7 +66,8 @@ def submit_generation(
         if existing is not None:
             return _replay(existing.decode() if isinstance(existing, bytes) else existing, fingerprint, records, response)
 
-    check_queue_depth(conn, queue, settings)
+    lengths = generate_queue_lengths(conn)
+    check_queue_depth(conn, queue, settings, lengths[queue])
     job_id = new_job_id()
     if claim is not None and not conn.set(claim, f"{job_id}:{fingerprint}", nx=True, ex=settings.idempotency_ttl_s):
         # Another request with this key won the race a moment ago.
@@ -83,7 +98,9 @@ def submit_generation(
             conn.delete(claim)
         raise
     response.headers["Location"] = f"/jobs/{job_id}"
-    return job_public(record, records.queue_position(record))
+    # Jobs in higher-priority queues run first: they count as ahead of this one.
+    ahead = sum(lengths[q] for q in GENERATE_QUEUES[: GENERATE_QUEUES.index(queue)])
+    return job_public(record, ahead + record["queue_length"] - 1)
 
 
 def _replay(value: str, fingerprint: str, records: RecordsDep, response: Response) -> JobPublic:

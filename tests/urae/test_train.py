@@ -215,6 +215,13 @@ def test_cancel_while_caching_keeps_the_finished_items(dataset: Path, tmp_path: 
     assert not (tmp_path / "out" / "adapter.safetensors").exists()
 
 
+def test_divergence_stops_with_a_clear_error(dataset: Path, cache_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(dataset, tmp_path / "out", cache_dir, steps=20, learning_rate=1e30, grad_clip=0.0)
+    with pytest.raises(InvalidSpecError, match="diverged"):
+        train(config)
+    assert not (tmp_path / "out" / "adapter.safetensors").exists()
+
+
 def test_resume_refuses_a_checkpoint_made_with_other_settings(dataset: Path, cache_dir: Path, tmp_path: Path) -> None:
     train(tiny_config(dataset, tmp_path / "out", cache_dir, steps=2))
     with pytest.raises(InvalidSpecError, match="rank"):
@@ -230,7 +237,9 @@ def test_bad_dataset_is_reported_before_any_training(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_samples_bf16_checkpointing_and_high_res_attention_run(dataset: Path, tmp_path: Path) -> None:
+def test_samples_bf16_checkpointing_and_high_res_attention_run(
+    dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = tiny_config(
         dataset,
         tmp_path / "out",
@@ -243,9 +252,12 @@ def test_samples_bf16_checkpointing_and_high_res_attention_run(dataset: Path, tm
         sample_every=2,
         sample_steps=2,
         sample_prompts=["a stripe pattern"],
+        timestep_sampling="logit_normal",
+        guidance=2.0,
     )
     result = train(config)
     assert np.isfinite(result.final_loss)
+    assert any("URAE fixes it to 1" in r.getMessage() for r in caplog.records)  # guideline 3 warning
     with Image.open(tmp_path / "out" / "samples" / "step-000002-0.png") as sample:
         assert sample.size == (128, 128)
 

@@ -172,6 +172,8 @@ def train(
     )
     started = time.monotonic()
 
+    resume_settings = {k: v for k, v in config.to_dict().items() if k in RESUME_KEYS}
+
     def save(step: int) -> None:
         nonlocal last_saved
         if accelerator.is_main_process and step > 0:
@@ -179,7 +181,7 @@ def train(
                 "step": step,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "config": {k: config.to_dict()[k] for k in RESUME_KEYS},
+                "config": resume_settings,
             }
             save_checkpoint(config.output_dir, step, trainable_state(layers), state, config.keep_checkpoints)
         last_saved = step
@@ -214,6 +216,11 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             last_loss = float(accelerator.reduce(loss.detach(), "mean").item())
             done = step + 1
+            if not math.isfinite(last_loss):
+                bar.close()
+                raise InvalidSpecError(
+                    "learning_rate", f"training diverged at step {done} (loss {last_loss}); lower the learning rate"
+                )
             if accelerator.is_main_process:
                 entry = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0]}
                 log.write(json.dumps(entry) + "\n")
@@ -339,7 +346,7 @@ def _resume(
         return 0
     step, folder = found[-1]
     adapter_state, state = load_checkpoint(folder)
-    current = {k: config.to_dict()[k] for k in RESUME_KEYS}
+    current = config.to_dict()
     changed = sorted(k for k in RESUME_KEYS if state["config"].get(k) != current[k])
     if changed:
         raise InvalidSpecError(

@@ -83,8 +83,11 @@ def merged_output(adapters: dict[str, Path], weights: dict[str, float]) -> torch
     return transformer_output(transformer)
 
 
-def test_mix_with_weights_matches_merged_weights(pipe: Any, adapters: dict[str, Path]) -> None:
-    manager = AdapterManager(pipe)
+@pytest.mark.parametrize("hotswap_rank", [None, 48])
+def test_mix_with_weights_matches_merged_weights(
+    pipe: Any, adapters: dict[str, Path], hotswap_rank: int | None
+) -> None:
+    manager = AdapterManager(pipe, hotswap_rank=hotswap_rank)
     base = transformer_output(pipe.transformer)
     assert manager.ensure("a", adapters["a"]) is False
     assert manager.ensure("b", adapters["b"]) is False
@@ -98,11 +101,12 @@ def test_mix_with_weights_matches_merged_weights(pipe: Any, adapters: dict[str, 
     )
 
 
+@pytest.mark.parametrize("hotswap_rank", [None, 48])
 def test_weight_zero_empty_activation_and_unload_give_the_base_output(
-    pipe: Any, adapters: dict[str, Path]
+    pipe: Any, adapters: dict[str, Path], hotswap_rank: int | None
 ) -> None:
     base = transformer_output(pipe.transformer)
-    manager = AdapterManager(pipe)
+    manager = AdapterManager(pipe, hotswap_rank=hotswap_rank)
     manager.ensure("a", adapters["a"])
     manager.ensure("4k", adapters["4k"])
     manager.activate([AdapterRef("a", 0.0), AdapterRef("4k", 0.0)])

@@ -44,10 +44,9 @@ def convert_minor_components(
     weight and B0 A0 its r smallest components: delta = B A - B0 A0 + B2k A2k, stored as the rank
     2r + r2k stack [B | -B0 | B2k] [A; A0; A2k]. Modules only the base LoRA touches keep its pair.
     The transformer is not modified. ``dtype`` is the output's; ``device`` is where the float64 SVDs
-    run (default CPU; a 3072 x 3072 split takes ~100 s on two CPU cores, so use a GPU for the real
-    model's 190 matrices). Returns the written path.
+    run (default: where the weights are). A 3072 x 3072 split takes ~100 s on two CPU cores, so the
+    real model's 190 matrices want a GPU. Returns the written path.
     """
-    svd_device = torch.device(device) if device is not None else torch.device("cpu")
     path_4k = Path(path_4k)
     adapter_format, minor = load_adapter_layers(path_4k, transformer)
     if adapter_format is not AdapterFormat.MINOR_COMPONENTS:
@@ -70,7 +69,9 @@ def convert_minor_components(
             layers[module] = (extra[0].to(dtype), extra[1].to(dtype))
             continue
         # Work on a float64 copy of the original weight: the transformer stays untouched.
-        w64 = linear_weight(transformer, module).detach().to(svd_device, torch.float64)
+        weight = linear_weight(transformer, module).detach()
+        svd_device = torch.device(device) if device is not None else weight.device
+        w64 = weight.to(svd_device, torch.float64)
         if extra is not None:
             w64 = w64 + extra[0].to(svd_device) @ extra[1].to(svd_device)
         b, a = minor[module]
@@ -92,17 +93,18 @@ def prepare_for_serving(
     dest: str | os.PathLike[str],
     transformer: nn.Module,
     base_lora: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
 ) -> AdapterInfo:
     """Validate an uploaded adapter and write the servable plain LoRA to ``dest`` (atomically).
 
     A plain LoRA is rewritten with normalised diffusers keys (alpha folded, metadata kept); a
     minor-component file is converted (see :func:`convert_minor_components`). Bad input raises a
-    specific AdapterError and nothing is written.
+    specific AdapterError and nothing is written. ``device``: see :func:`convert_minor_components`.
     """
     src, dest = Path(src), Path(dest)
     info = inspect_adapter(src)
     if info.format is AdapterFormat.MINOR_COMPONENTS:
-        convert_minor_components(src, transformer, base_lora=base_lora, out_path=dest)
+        convert_minor_components(src, transformer, base_lora=base_lora, out_path=dest, device=device)
     else:
         state = load_lora_state_dict(src, transformer)
         tensors = {k: v.contiguous().clone() for k, v in state.items()}

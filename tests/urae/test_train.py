@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +214,16 @@ def test_cancel_while_caching_keeps_the_finished_items(dataset: Path, tmp_path: 
     assert canceled.value.step == 0
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     assert not (tmp_path / "out" / "adapter.safetensors").exists()
+
+
+def test_prodigy_without_its_package_is_a_clear_error(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # what an environment without it looks like
+    config = tiny_config(dataset, tmp_path / "out", tmp_path / "cache", optimizer="prodigy")
+    with pytest.raises(InvalidSpecError, match=r"prodigyopt.*urae-serve\[train\]"):
+        train(config)
+    assert not (tmp_path / "cache").exists()  # refused before any work
 
 
 def test_divergence_stops_with_a_clear_error(dataset: Path, cache_dir: Path, tmp_path: Path) -> None:

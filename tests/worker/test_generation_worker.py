@@ -145,3 +145,17 @@ def test_ready_and_metrics_report_the_worker(http: Any, worker: Any) -> None:
     count = next(line for line in text.splitlines() if line.startswith('urae_stage_duration_seconds_count{stage="denoise"}'))
     assert int(count.split()[-1]) >= 4
     assert 'urae_queue_depth{queue="urae-generate-normal"} 0' in text
+
+
+def test_a_job_over_its_time_limit_fails_with_the_reason(settings: Any, http: Any, worker: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.conftest import API_KEY
+
+    impatient = settings.model_copy(update={"job_timeout_s": 1})
+    with TestClient(create_app(impatient), headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        job = wait_for_status(client, client.post("/generate", json={**LONG, "num_images": 2}).json()["id"])
+    assert job["status"] == "failed"
+    assert job["error"] == "timed out after 1 s"
+    assert wait_for_status(http, http.post("/generate", json=SMALL).json()["id"])["status"] == "finished"

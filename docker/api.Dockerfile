@@ -28,4 +28,4 @@ WORKDIR /home/urae
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "/opt/urae/healthcheck.py", "api"]
-CMD ["python", "-c", "from service.app import main; main()"]
+CMD ["urae-api"]

@@ -30,5 +30,5 @@ VOLUME ["/cache/huggingface"]
 # Loading FLUX.1-dev the first time means downloading it: a long start period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
     CMD ["python", "/opt/urae/healthcheck.py", "worker"]
-ENTRYPOINT ["python", "-m", "worker"]
+ENTRYPOINT ["urae-worker"]
 CMD ["--queues", "generate"]

@@ -110,6 +110,13 @@ def test_every_service_has_a_healthcheck_and_waits_for_redis(compose: dict[str, 
     assert worker_check["test"][-1] == "worker"
 
 
+def test_the_api_listens_on_the_container_network_whatever_env_says(compose: dict[str, Any]) -> None:
+    api = compose["services"]["api"]
+    # environment wins over env_file, so a .env written for a host install cannot hide the API.
+    assert api["environment"]["URAE_API_HOST"] == "0.0.0.0"
+    assert api["ports"] == ["${API_PORT:-8000}:" + api["environment"]["URAE_API_PORT"]]
+
+
 def test_outputs_and_adapters_live_on_one_volume_shared_by_api_and_workers(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         if name == "redis":
@@ -140,6 +147,11 @@ def test_generation_workers_may_finish_a_4k_job_before_they_are_killed(compose: 
 
 def test_every_urae_variable_of_the_compose_file_is_a_setting(compose: dict[str, Any]) -> None:
     fields = {f"URAE_{name.upper()}" for name in Settings.model_fields}
+    # The API launcher's own two variables (service.app.main), outside Settings.
+    launcher = {"URAE_API_HOST", "URAE_API_PORT"}
+    app_source = (REPO_ROOT / "service" / "app.py").read_text()
+    assert all(f'os.environ.get("{name}"' in app_source for name in launcher)
+    fields |= launcher
     named = set(INTERPOLATION_RE.findall(COMPOSE.read_text()))
     for service in compose["services"].values():
         named |= set(service.get("environment", {}))
@@ -160,7 +172,10 @@ def test_worker_image_is_cuda_pytorch_non_root_with_a_healthcheck() -> None:
     assert any(op == "HEALTHCHECK" for op, _ in instructions)
     volumes = json.loads(next(args for op, args in instructions if op == "VOLUME"))
     assert dockerfile_env(WORKER_DOCKERFILE)["HF_HOME"] in volumes
-    assert next(args for op, args in instructions if op == "ENTRYPOINT") == '["python", "-m", "worker"]'
+    assert next(args for op, args in instructions if op == "ENTRYPOINT") == '["urae-worker"]'
+    # The console scripts the images run exist.
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["urae-worker"] == "worker.cli:main" and scripts["urae-api"] == "service.app:main"
 
 
 def test_api_image_is_slim_non_root_with_a_healthcheck_and_no_torch() -> None:
@@ -170,6 +185,7 @@ def test_api_image_is_slim_non_root_with_a_healthcheck_and_no_torch() -> None:
     users = [args for op, args in instructions if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert any(op == "HEALTHCHECK" for op, _ in instructions)
+    assert instructions[-1] == ("CMD", '["urae-api"]')
     copied = " ".join(args for op, args in instructions if op == "COPY")
     assert "urae " not in copied and "worker " not in copied
     for op, args in instructions:

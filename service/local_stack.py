@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 import redis
 
@@ -196,7 +196,7 @@ class LocalStack:
 
         from service.settings import Settings
 
-        values = {k.removeprefix("URAE_").lower(): v for k, v in env.items() if k.startswith("URAE_")}
+        values: dict[str, Any] = {k.removeprefix("URAE_").lower(): v for k, v in env.items() if k.startswith("URAE_")}
         try:
             Settings(**{k: v for k, v in values.items() if k in Settings.model_fields})
         except ValidationError as exc:

@@ -309,3 +309,47 @@ def test_rank_mismatch_in_file_is_reported(pipe: Any, tmp_path: Path) -> None:
     )
     with pytest.raises(RankMismatchError, match="ranks.safetensors"):
         AdapterManager(pipe).ensure("ranks", bad)
+
+
+@pytest.mark.parametrize("hotswap_rank", [None, 48])
+def test_adapters_with_different_ranks_per_module(
+    pipe: Any, adapters: dict[str, Path], tmp_path: Path, hotswap_rank: int | None
+) -> None:
+    # Ranks differ per module, and a double-block module path is the tail of a single-block one.
+    g = torch.Generator().manual_seed(7)
+    ranks = {
+        "transformer_blocks.0.attn.to_q": 8,
+        "transformer_blocks.1.attn.to_q": 8,
+        "single_transformer_blocks.0.attn.to_q": 2,
+        "transformer_blocks.0.ff.net.2": 5,
+    }
+    layers = {}
+    for module, rank in ranks.items():
+        weight = pipe.transformer.get_submodule(module).weight
+        layers[module] = (
+            torch.randn(weight.shape[0], rank, generator=g) * 0.05,
+            torch.randn(rank, weight.shape[1], generator=g) * 0.05,
+        )
+    attention_only = {m: pair for m, pair in layers.items() if ".attn." in m}
+    adapters = {
+        **adapters,
+        "attention": save_lora(tmp_path / "attention.safetensors", attention_only),
+        "with_ff": save_lora(tmp_path / "with_ff.safetensors", layers),
+    }
+    manager = AdapterManager(pipe, capacity=1, hotswap_rank=hotswap_rank)
+    manager.ensure("a", adapters["a"])
+    slots = set(pipe.transformer.peft_config)
+    # Targets within a's: swapped in place when hot-swapping.
+    manager.ensure("attention", adapters["attention"])
+    assert (set(pipe.transformer.peft_config) == slots) == (hotswap_rank is not None)
+    manager.activate([AdapterRef("attention", 1.0)])
+    torch.testing.assert_close(
+        transformer_output(pipe.transformer), merged_output(adapters, {"attention": 1.0}), atol=1e-5, rtol=0
+    )
+    # A module the slot does not cover (ff.net.2): loaded fresh instead of swapped.
+    manager.ensure("with_ff", adapters["with_ff"])
+    manager.activate([AdapterRef("with_ff", 1.0)])
+    torch.testing.assert_close(
+        transformer_output(pipe.transformer), merged_output(adapters, {"with_ff": 1.0}), atol=1e-5, rtol=0
+    )
+    assert manager.loaded() == ["with_ff"] and len(pipe.transformer.peft_config) == 1

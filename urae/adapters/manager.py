@@ -185,6 +185,8 @@ class AdapterManager:
         return sha
 
     def _load(self, state: dict[str, torch.Tensor], slot: str, hotswap: bool) -> None:
+        if self.hotswap_rank is not None:
+            state = uniform_rank(state)
         if (
             self.hotswap_rank is not None
             and not hotswap
@@ -249,3 +251,20 @@ class AdapterManager:
                 else:
                     tensor.fill_(float(value))
                 module.scaling[slot] = tensor
+
+
+def uniform_rank(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same LoRA with every module zero-padded to the largest rank (B @ A is unchanged).
+
+    Mixed ranks make diffusers record a per-module alpha pattern, and peft refuses to hot-swap
+    between adapters whose alpha patterns differ; in hot-swap mode every slot is padded anyway.
+    """
+    rank = max(v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight"))
+    padded: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.endswith(".lora_A.weight") and tensor.shape[0] < rank:
+            tensor = torch.cat([tensor, tensor.new_zeros(rank - tensor.shape[0], tensor.shape[1])], dim=0)
+        elif key.endswith(".lora_B.weight") and tensor.shape[1] < rank:
+            tensor = torch.cat([tensor, tensor.new_zeros(tensor.shape[0], rank - tensor.shape[1])], dim=1)
+        padded[key] = tensor
+    return padded

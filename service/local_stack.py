@@ -41,6 +41,7 @@ REDIS_STOP_TIMEOUT_S = 10.0
 # A worker that got SIGTERM finishes its job within URAE_SHUTDOWN_GRACE_S; this is the slack on top.
 WORKER_STOP_SLACK_S = 10.0
 POLL_INTERVAL_S = 0.2
+STOP_FIRST, STOP_SECOND, STOP_LAST = 0, 1, 2  # workers, API, Redis
 PR_SET_PDEATHSIG = 1
 
 
@@ -82,6 +83,7 @@ class Child:
     proc: subprocess.Popen[bytes]
     log_path: Path
     stop_timeout_s: float
+    stop_stage: int  # stopped in increasing order: workers, then the API, then Redis
     log: IO[bytes] = field(repr=False)
 
     def alive(self) -> bool:
@@ -150,7 +152,8 @@ class LocalStack:
         env["URAE_REDIS_URL"] = self.redis_url
         self._check_settings(env)
         api_env = {**env, "URAE_API_HOST": o.host, "URAE_API_PORT": str(o.port)}
-        self._spawn("api", [sys.executable, "-c", "from service.app import main; main()"], api_env, API_STOP_TIMEOUT_S)
+        self._spawn("api", [sys.executable, "-c", "from service.app import main; main()"], api_env,
+                    API_STOP_TIMEOUT_S, STOP_SECOND)
         worker_stop = float(env.get("URAE_SHUTDOWN_GRACE_S", "30")) + WORKER_STOP_SLACK_S
         model_args = ["--model", o.model, "--device", o.resolved_device, "--dtype", o.resolved_dtype]
         generation = []
@@ -160,12 +163,12 @@ class LocalStack:
             if o.resolved_device.startswith("cuda"):
                 worker_env["CUDA_VISIBLE_DEVICES"] = str(i)  # one generation worker per GPU
             self._spawn(name, [sys.executable, "-m", "worker", "--queues", "generate", "--name", name, *model_args],
-                        worker_env, worker_stop)
+                        worker_env, worker_stop, STOP_FIRST)
             generation.append(name)
         for i in range(o.finetune_workers):
             name = f"local-finetune-{i}"
             self._spawn(name, [sys.executable, "-m", "worker", "--queues", "finetune", "--name", name, *model_args],
-                        env, worker_stop)
+                        env, worker_stop, STOP_FIRST)
         self._wait_ready(generation)
 
     def _service_env(self) -> dict[str, str]:
@@ -224,7 +227,7 @@ class LocalStack:
             f"port {port}\nbind 127.0.0.1\nprotected-mode yes\ndir {redis_dir}\nappendonly yes\n"
             f"appendfsync everysec\nsave \"\"\nmaxmemory-policy noeviction\nrequirepass {password}\n"
         )
-        child = self._spawn("redis", [server, "-"], env, REDIS_STOP_TIMEOUT_S, stdin=config)
+        child = self._spawn("redis", [server, "-"], env, REDIS_STOP_TIMEOUT_S, STOP_LAST, stdin=config)
         self.owns_redis = True
         self.redis_url = f"redis://:{password}@127.0.0.1:{port}/0"
         self._wait_redis(self.redis_url, child)
@@ -247,7 +250,7 @@ class LocalStack:
             return
         raise LocalStackError(f"Redis at {_safe_url(url)} does not answer: {last}")
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str], stop_timeout_s: float,
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], stop_timeout_s: float, stop_stage: int,
                stdin: str | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "ab")
@@ -259,7 +262,7 @@ class LocalStack:
         if stdin is not None and proc.stdin is not None:
             proc.stdin.write(stdin.encode())
             proc.stdin.close()
-        child = Child(name, proc, log_path, stop_timeout_s, log)
+        child = Child(name, proc, log_path, stop_timeout_s, stop_stage, log)
         self.children.append(child)
         return child
 
@@ -295,17 +298,20 @@ class LocalStack:
 
     # -- stopping --------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop every child: workers first (they finish or requeue their job), then the API, then Redis."""
-        for child in reversed(self.children):
-            if child.alive():
-                child.proc.send_signal(signal.SIGTERM)
-                deadline = time.monotonic() + child.stop_timeout_s
-                while child.alive() and time.monotonic() < deadline and not self.force.is_set():
-                    time.sleep(0.05)
+        """Stop every child: all workers at once (each finishes or requeues its job), then the API, then Redis."""
+        for stage in sorted({c.stop_stage for c in self.children}):
+            group = [c for c in self.children if c.stop_stage == stage]
+            for child in group:
+                if child.alive():
+                    child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + max(c.stop_timeout_s for c in group)
+            while any(c.alive() for c in group) and time.monotonic() < deadline and not self.force.is_set():
+                time.sleep(0.05)
+            for child in group:
                 if child.alive():
                     child.proc.kill()
-            child.proc.wait()
-            child.log.close()
+                child.proc.wait()
+                child.log.close()
         self.children.clear()
 
     def announce(self, elapsed_s: float) -> None:

@@ -148,9 +148,9 @@ class LocalStack:
             raise LocalStackError(f"port {o.port} on {o.host} is in use: stop what uses it or pass --port")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = self._service_env()
+        self._check_settings(env)
         self._start_redis(env)
         env["URAE_REDIS_URL"] = self.redis_url
-        self._check_settings(env)
         api_env = {**env, "URAE_API_HOST": o.host, "URAE_API_PORT": str(o.port)}
         self._spawn("api", [sys.executable, "-c", "from service.app import main; main()"], api_env,
                     API_STOP_TIMEOUT_S, STOP_SECOND)

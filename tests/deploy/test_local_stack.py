@@ -111,3 +111,35 @@ def test_without_redis_server_it_says_how_to_get_one(tmp_path: Path) -> None:
     assert "redis-server not found: install it (apt-get install redis-server) or set URAE_REDIS_URL" in stack.output
     assert "Traceback" not in stack.output
     assert os.listdir(tmp_path / "data" / "logs") == []
+
+
+def test_a_bad_setting_is_refused_in_one_line_before_anything_starts(tmp_path: Path) -> None:
+    stack = StackProcess(["--port", str(free_port()), "--data-dir", str(tmp_path / "data")],
+                         env={"URAE_MAX_QUEUE_DEPTH": "0"})
+    code = stack.proc.wait(timeout=30)
+    stack.interrupt()
+    assert code == 1
+    assert "urae-serve: invalid setting URAE_MAX_QUEUE_DEPTH: Input should be greater than or equal to 1" in stack.output
+    assert "Traceback" not in stack.output
+    assert not (tmp_path / "data" / "redis").exists()
+
+
+def test_open_access_is_explicit_and_announced(tmp_path: Path) -> None:
+    from service.local_stack import LocalStack, StackOptions, parse_args
+
+    options = parse_args(["--open-access", "--data-dir", str(tmp_path)])
+    stack = LocalStack(options, out=io.StringIO())
+    env = stack._service_env()
+    stack._check_settings(env)  # the API and workers will accept this configuration
+    assert env["URAE_ENV"] == "development" and env["URAE_DEV_OPEN_ACCESS"] == "true" and env["URAE_API_KEYS"] == ""
+    stack.redis_url = "redis://127.0.0.1:6379/0"
+    stack.announce(1.0)
+    text = stack.out.getvalue()  # type: ignore[attr-defined]
+    assert "OPEN DEVELOPMENT MODE: no API key, every request is accepted" in text and "#key=" not in text
+    # Without the flag a key is generated: never open by default.
+    default = LocalStack(StackOptions(data_dir=tmp_path))
+    assert default._service_env()["URAE_API_KEYS"] == default.api_key and default.api_key
+    # A real model defaults to the GPU in bfloat16; the tiny one to the CPU in float32.
+    gpu = parse_args(["--model", "black-forest-labs/FLUX.1-dev"])
+    assert (gpu.resolved_device, gpu.resolved_dtype) == ("cuda", "bfloat16")
+    assert (options.resolved_device, options.resolved_dtype) == ("cpu", "float32")

@@ -67,19 +67,23 @@ def test_every_offending_file_is_reported_at_once(tmp_path: Path) -> None:
     save_image(tmp_path / "badjson.png", 128, 128)
     (tmp_path / "badjson.json").write_text("{not json")
     (tmp_path / "orphan.json").write_text(json.dumps({"prompt": "no image"}))
+    save_image(tmp_path / "dup.png", 128, 128)
+    Image.new("RGB", (128, 128)).save(tmp_path / "dup.jpg")
+    (tmp_path / "dup.json").write_text(json.dumps({"prompt": "two images, one caption"}))
 
     with pytest.raises(DatasetError) as err:
         scan_dataset(tmp_path, min_long_side=64)
     problems = dict(err.value.problems)
-    assert set(problems) == {"nocaption.png", "broken.png", "tiny.png", "mixed.txt", "badjson.json", "orphan.json"}
+    assert set(problems) == {"nocaption.png", "broken.png", "tiny.png", "mixed.txt", "badjson.json", "orphan.json", "dup.jpg"}
     assert "no caption" in problems["nocaption.png"]
     assert "unreadable image" in problems["broken.png"]
     assert "40x30" in problems["tiny.png"]
     assert "mixes .json and .txt" in problems["mixed.txt"]
     assert "invalid JSON" in problems["badjson.json"]
     assert "without an image" in problems["orphan.json"]
+    assert "shares its name with dup.png" in problems["dup.jpg"]
     message = str(err.value)
-    assert "6 problem(s)" in message and "\n" not in message
+    assert "7 problem(s)" in message and "\n" not in message
 
 
 def test_buckets_keep_the_long_side_and_the_nearest_aspect() -> None:

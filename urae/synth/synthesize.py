@@ -44,7 +44,10 @@ def read_prompts(path: str | Path) -> list[str]:
     except OSError as exc:
         raise InvalidSpecError("prompts", f"cannot read {file}: {exc.strerror}") from None
     if file.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidSpecError("prompts", f"{file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if not isinstance(data, list) or not all(isinstance(p, str) and p.strip() for p in data):
             raise InvalidSpecError("prompts", f"{file} must hold a JSON list of non-empty strings")
         prompts = [p.strip() for p in data]
@@ -78,7 +81,10 @@ def synthesize(
     for index, prompt in enumerate(prompts):
         caption = folder / f"{index:05d}.json"
         if caption.exists():
-            recorded = json.loads(caption.read_text(encoding="utf-8")).get("prompt")
+            try:
+                recorded = json.loads(caption.read_text(encoding="utf-8")).get("prompt")
+            except (ValueError, AttributeError):
+                raise InvalidSpecError("prompts", f"{caption} is not a caption written by urae synth") from None
             if recorded != prompt:
                 raise InvalidSpecError(
                     "prompts", f"{caption} was made for another prompt ({recorded!r}); use a new output folder"

@@ -155,6 +155,9 @@ function addCard(job, prompt) {
   $("gallery").prepend(card);
   $("empty-gallery").hidden = true;
   setStatus(card, job.status);
+  if (job.status === "queued" && job.queue_position !== null && job.queue_position !== undefined) {
+    card.querySelector(".progress-label").textContent = `waiting in the queue (position ${job.queue_position + 1})`;
+  }
   return card;
 }
 

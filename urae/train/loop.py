@@ -455,6 +455,7 @@ def _render_samples(
     if config.resolution > TRAINED_LONG_SIDE:
         pipe.scheduler = make_scheduler(scheduler.config, SAMPLE_STATIC_SHIFT)
     pipe.vae.to(device)
+    pipe.set_progress_bar_config(disable=True)  # the training bar is the one that matters
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
     try:
         for index, (embeds, pooled) in enumerate(sample_embeds):

@@ -149,6 +149,7 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = self._service_env()
         self._check_settings(env)
+        gpus = self._gpu_ids(env)
         self._start_redis(env)
         env["URAE_REDIS_URL"] = self.redis_url
         api_env = {**env, "URAE_API_HOST": o.host, "URAE_API_PORT": str(o.port)}
@@ -160,8 +161,8 @@ class LocalStack:
         for i in range(o.workers):
             name = f"local-gen-{i}"
             worker_env = dict(env)
-            if o.resolved_device.startswith("cuda"):
-                worker_env["CUDA_VISIBLE_DEVICES"] = str(i)  # one generation worker per GPU
+            if gpus:
+                worker_env["CUDA_VISIBLE_DEVICES"] = gpus[i]  # one generation worker per GPU
             self._spawn(name, [sys.executable, "-m", "worker", "--queues", "generate", "--name", name, *model_args],
                         worker_env, worker_stop, STOP_FIRST)
             generation.append(name)
@@ -170,6 +171,18 @@ class LocalStack:
             self._spawn(name, [sys.executable, "-m", "worker", "--queues", "finetune", "--name", name, *model_args],
                         env, worker_stop, STOP_FIRST)
         self._wait_ready(generation)
+
+    def _gpu_ids(self, env: dict[str, str]) -> list[str]:
+        """The GPU of each generation worker: the i-th of CUDA_VISIBLE_DEVICES (default 0, 1, ...)."""
+        o = self.options
+        if not o.resolved_device.startswith("cuda"):
+            return []
+        visible = [g.strip() for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+        if not visible:
+            return [str(i) for i in range(o.workers)]
+        if len(visible) < o.workers:
+            raise LocalStackError(f"--workers {o.workers} needs {o.workers} GPUs; CUDA_VISIBLE_DEVICES lists {len(visible)}")
+        return visible[: o.workers]
 
     def _service_env(self) -> dict[str, str]:
         o = self.options

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 from tests.conftest import free_port
@@ -143,3 +144,14 @@ def test_open_access_is_explicit_and_announced(tmp_path: Path) -> None:
     gpu = parse_args(["--model", "black-forest-labs/FLUX.1-dev"])
     assert (gpu.resolved_device, gpu.resolved_dtype) == ("cuda", "bfloat16")
     assert (options.resolved_device, options.resolved_dtype) == ("cpu", "float32")
+
+
+def test_each_generation_worker_gets_its_own_gpu(tmp_path: Path) -> None:
+    from service.local_stack import LocalStack, LocalStackError, parse_args
+
+    stack = LocalStack(parse_args(["--model", "black-forest-labs/FLUX.1-dev", "--workers", "2"]))
+    assert stack._gpu_ids({}) == ["0", "1"]
+    assert stack._gpu_ids({"CUDA_VISIBLE_DEVICES": "2, 5,7"}) == ["2", "5"]
+    with pytest.raises(LocalStackError, match="--workers 2 needs 2 GPUs; CUDA_VISIBLE_DEVICES lists 1"):
+        stack._gpu_ids({"CUDA_VISIBLE_DEVICES": "3"})
+    assert LocalStack(parse_args(["--workers", "2"]))._gpu_ids({"CUDA_VISIBLE_DEVICES": "0"}) == []  # tiny on CPU

@@ -101,6 +101,7 @@ def service_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dic
         "URAE_ADAPTER_IMPORT_WAIT_S": "30",
         # Tests change the set of workers and look at once.
         "URAE_WORKER_INFO_CACHE_S": "0",
+        "URAE_TORCH_THREADS": "1",
     }
 
 

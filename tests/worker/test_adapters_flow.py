@@ -14,7 +14,7 @@ from PIL import Image
 from tests.conftest import wait_for_status
 
 SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 5}
-LONG = {"prompt": "a slow one", "width": 256, "height": 256, "steps": 100, "seed": 2}
+LONG = {"prompt": "a slow one", "width": 128, "height": 128, "steps": 100, "seed": 2}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import make_settings, wait_for_status
 
-LONG = {"prompt": "a slow one", "width": 256, "height": 256, "steps": 100, "seed": 2}
+LONG = {"prompt": "a slow one", "width": 128, "height": 128, "steps": 100, "seed": 2}
 VERY_LONG = {**LONG, "num_images": 4}
 
 
@@ -75,7 +75,7 @@ def test_sigterm_puts_an_overdue_job_back_and_a_short_one_finishes(api: Any, sta
     assert api.delete(f"/jobs/{job_id}").status_code == 202
     assert wait_for_status(api, job_id)["status"] == "canceled"
 
-    short = api.post("/generate", json={**LONG, "steps": 20, "width": 64, "height": 64}).json()["id"]
+    short = api.post("/generate", json={**LONG, "steps": 10, "width": 64, "height": 64}).json()["id"]
     wait_progress(api, short, step=1)
     successor.signal(signal.SIGTERM)
     assert wait_for_status(api, short)["status"] == "finished"

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import RedisServer, free_port
-from tests.deploy.stack_process import StackProcess
-from tests.deploy.test_local_stack import wait_ready
+from tests.deploy.stack_process import StackProcess, wait_ready
 
 
 @dataclass

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+
 from tests.conftest import REPO_ROOT
 
 
@@ -93,3 +95,18 @@ class StackProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def wait_ready(base: str, key: str, timeout_s: float = 120.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    body: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{base}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+            body = response.json()
+            if response.status_code == 200:
+                return body
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"/ready not 200 after {timeout_s} s: {body}")

@@ -14,22 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import free_port
-from tests.deploy.stack_process import StackProcess, child_pids, process_exists
-
-
-def wait_ready(base: str, key: str, timeout_s: float = 120.0) -> dict[str, object]:
-    deadline = time.monotonic() + timeout_s
-    body: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{base}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=5)
-            body = response.json()
-            if response.status_code == 200:
-                return body
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"/ready not 200 after {timeout_s} s: {body}")
+from tests.deploy.stack_process import StackProcess, child_pids, process_exists, wait_ready
 
 
 def port_open(port: int) -> bool:

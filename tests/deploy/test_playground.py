@@ -139,3 +139,17 @@ def test_a_refused_request_shows_the_servers_message(served_stack: ServedStack, 
     page.wait_for_function("document.getElementById('message').textContent.length > 0")
     assert page.inner_text("#message").startswith("steps:")
     assert page.locator(".job").count() == 0
+
+
+def test_the_playground_files_ship_with_the_package() -> None:
+    # The API image installs the package (not the source tree): every page file must be package data.
+    import fnmatch
+    import tomllib
+
+    from tests.conftest import REPO_ROOT
+
+    patterns = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
+    files = [p.relative_to(REPO_ROOT / "service").as_posix() for p in (REPO_ROOT / "service" / "playground").iterdir()]
+    assert {"playground/index.html", "playground/playground.js", "playground/playground.css"} <= set(files)
+    for name in files:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name

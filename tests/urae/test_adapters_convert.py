@@ -223,7 +223,11 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return proc.returncode, stdout, stderr
 
 
-def test_cli_convert_inspect_and_errors(tmp_path: Path, files: dict[str, Path]) -> None:
+def test_cli_convert_inspect_and_errors(
+    tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from urae.cli import main
+
     out = tmp_path / "cli.safetensors"
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 4)
@@ -237,7 +241,6 @@ def test_cli_convert_inspect_and_errors(tmp_path: Path, files: dict[str, Path]) 
     assert code == 0, stderr
     assert "rank 48" in stdout
     assert inspect_adapter(out).rank == 48
-    inspecting = start_cli("inspect", str(out), "--model", "tiny")
 
     code, _, stderr = finish(inspecting_broken)
     assert code == 2
@@ -245,11 +248,15 @@ def test_cli_convert_inspect_and_errors(tmp_path: Path, files: dict[str, Path]) 
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "broken.safetensors" in lines[0] and "too short" in lines[0]
 
-    code, stdout, stderr = finish(inspecting)
-    assert code == 0, stderr
-    assert "format:     lora" in stdout and "rank:       48" in stdout
-    assert "base model: fits tiny" in stdout
-    assert "2 x transformer_blocks.*.attn.to_out.0" in stdout
+    # The same entry point in-process, to read the report.
+    assert main(["inspect", str(out), "--model", "tiny"]) == 0
+    report = capsys.readouterr().out
+    assert "format:     lora" in report and "rank:       48" in report
+    assert "base model: fits tiny" in report
+    assert "2 x transformer_blocks.*.attn.to_out.0" in report
+    assert main(["inspect", str(out), "--model", "black-forest-labs/FLUX.1-dev"]) == 1
+    report = capsys.readouterr().out
+    assert "base model: does NOT fit black-forest-labs/FLUX.1-dev" in report
 
 
 def test_fit_against_the_real_flux_architecture_without_weights(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,14 @@ def pipe() -> Any:
     return build_tiny_pipeline("tiny")
 
 
+_PRISTINE: list[Any] = []
+
+
 def merged_output(adapters: dict[str, Path], weights: dict[str, float]) -> torch.Tensor:
     """Reference without diffusers: the weighted deltas merged into a fresh transformer's weights."""
-    transformer = build_tiny_pipeline("tiny").transformer
+    if not _PRISTINE:
+        _PRISTINE.append(build_tiny_pipeline("tiny").transformer)
+    transformer = copy.deepcopy(_PRISTINE[0])
     with torch.no_grad():
         for name, weight in weights.items():
             _, layers = load_adapter_layers(adapters[name])

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer
 
 from urae.adapters.formats import file_sha256, load_lora_state_dict
 from urae.errors import (
@@ -226,11 +225,17 @@ class AdapterManager:
         if self.hotswap_rank is not None:
             self._restore_scaling_tensors(scalings)
 
+    def _lora_layers(self) -> list[Any]:
+        # peft is imported here, not at module level: it pulls in transformers, and the CLI's
+        # inspect/convert commands should start without it.
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.pipe.transformer.modules() if isinstance(m, LoraLayer)]
+
     def _scaling_tensors(self) -> dict[tuple[int, str], torch.Tensor]:
         return {
             (id(module), slot): value
-            for module in self.pipe.transformer.modules()
-            if isinstance(module, LoraLayer)
+            for module in self._lora_layers()
             for slot, value in module.scaling.items()
             if isinstance(value, torch.Tensor)
         }
@@ -239,9 +244,7 @@ class AdapterManager:
         # Hot-swap preparation turns LoRA scalings into tensors so that a compiled transformer reads
         # them as inputs; set_adapters writes plain floats back, which torch.compile would bake in as
         # constants (one recompilation per new weight). Write the new values into the same tensors.
-        for module in self.pipe.transformer.modules():
-            if not isinstance(module, LoraLayer):
-                continue
+        for module in self._lora_layers():
             for slot, value in module.scaling.items():
                 if isinstance(value, torch.Tensor):
                     continue

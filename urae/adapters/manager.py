@@ -42,7 +42,9 @@ class AdapterManager:
     With ``hotswap_rank`` set, the pipeline is prepared for hot-swapping (``enable_lora_hotswap``)
     before any load; every slot is padded to that rank, and a new adapter replaces the least recently
     used one in place (no recompilation of a compiled transformer). ``hotswap_rank`` must cover the
-    largest adapter served: URAE's converted 4K adapters are rank 48, the 2K one rank 16.
+    largest adapter served: URAE's converted 4K adapters are rank 48, the 2K one rank 16. An adapter
+    that targets a layer its slot does not cover is loaded fresh instead (correct, but a compiled
+    transformer then recompiles).
     """
 
     def __init__(self, pipe: Any, capacity: int = 8, hotswap_rank: int | None = None):
@@ -180,6 +182,10 @@ class AdapterManager:
         if cached is not None and cached[0] == stamp:
             return cached[1]
         sha = file_sha256(path)
+        if len(self._hash_cache) >= 4 * self.capacity:
+            # Registry versions come and go: keep only the files of resident adapters.
+            resident = {r.path for r in self._resident.values()}
+            self._hash_cache = {p: v for p, v in self._hash_cache.items() if p in resident}
         self._hash_cache[path] = (stamp, sha)
         return sha
 

@@ -45,9 +45,18 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     convert.set_defaults(func=run_convert)
 
-    inspect = subparsers.add_parser("inspect", help="describe an adapter file: format, rank, targets, fit")
+    inspect = subparsers.add_parser(
+        "inspect",
+        help="describe an adapter file: format, rank, targets, fit",
+        description="Exit status 0 when the file is valid (and fits --model), 1 when it does not fit --model, "
+        "2 when the file is unusable.",
+    )
     inspect.add_argument("file", type=Path, help="adapter .safetensors file")
-    inspect.add_argument("--model", default=None, help="also check that the adapter fits this base model")
+    inspect.add_argument(
+        "--model",
+        default=None,
+        help="also check that the adapter fits this base model (FLUX.1 dev/schnell ids need no download)",
+    )
     inspect.set_defaults(func=run_inspect)
 
 

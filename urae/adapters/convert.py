@@ -75,6 +75,8 @@ def convert_minor_components(
         if extra is not None:
             w64 = w64 + extra[0].to(svd_device) @ extra[1].to(svd_device)
         b, a = minor[module]
+        # Only the product B0 A0 (the r smallest components) enters the delta, so the signs the SVD
+        # picks for singular vectors, which may differ from the trainer's, do not matter.
         _, b0, a0 = svd_split(w64, a.shape[0])
         up, down = difference_lora(b.to(torch.float64), a.to(torch.float64), b0.cpu(), a0.cpu(), extra)
         layers[module] = (up.to(dtype), down.to(dtype))

@@ -50,10 +50,12 @@ def check_safetensors(path: Path) -> SafetensorsSummary:
         head = f.read(8)
         if len(head) < 8:
             raise UploadError("not a safetensors file: shorter than its 8-byte header length")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise UploadError("not a safetensors file: this looks like a pickle/.bin checkpoint, which is never loaded")
         (length,) = struct.unpack("<Q", head)
-        if length == 0 or length > MAX_HEADER_BYTES or 8 + length > size:
+        plausible = 0 < length <= MAX_HEADER_BYTES and 8 + length <= size
+        # A real header length can start with these bytes too (128 mod 256): look only when it cannot be one.
+        if not plausible and (head[:2] == b"PK" or head[:1] == b"\x80"):
+            raise UploadError("not a safetensors file: this looks like a pickle/.bin checkpoint, which is never loaded")
+        if not plausible:
             raise UploadError(f"not a safetensors file: header length {length} does not fit a {size}-byte file")
         raw = f.read(length)
     try:

@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the settings, Redis, storage and the authenticated caller of a request."""
+"""FastAPI dependencies: the settings, Redis, storage and the authenticated caller of a request.
+
+They do no I/O, so they are ``async``: FastAPI then runs them inline instead of sending each one to
+the thread pool (several thread hops per request otherwise).
+"""
 
 from __future__ import annotations
 
@@ -13,19 +17,19 @@ from service.settings import Settings
 from service.storage import LocalStorage
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_redis(request: Request) -> redis.Redis:
+async def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis  # type: ignore[no-any-return]
 
 
-def get_records(request: Request) -> JobRecords:
+async def get_records(request: Request) -> JobRecords:
     return request.app.state.records  # type: ignore[no-any-return]
 
 
-def get_storage(request: Request) -> LocalStorage:
+async def get_storage(request: Request) -> LocalStorage:
     return request.app.state.storage  # type: ignore[no-any-return]
 
 
@@ -35,7 +39,7 @@ RecordsDep = Annotated[JobRecords, Depends(get_records)]
 StorageDep = Annotated[LocalStorage, Depends(get_storage)]
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> str:

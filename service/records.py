@@ -40,8 +40,8 @@ from service.contract import (
     worker_key,
 )
 
-EVENTS_MAXLEN = 2000
 # Stops a runaway stream; the replay an SSE client gets is bounded by it.
+EVENTS_MAXLEN = 2000
 
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -85,6 +85,9 @@ def rq_queue(conn: redis.Redis, name: str) -> Queue:
     return Queue(name, connection=conn, serializer=JSONSerializer)
 
 
+_QUEUED_EVENT = json.dumps({"type": "status", "status": "queued"}, separators=(",", ":"))
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -119,35 +122,27 @@ class JobRecords:
 
         Returns the record, with ``queue_length`` (the queue's length right after the push) added.
         """
-        now = time.time()
-        record: dict[str, Any] = {
-            "id": job_id,
+        # Only what a new job has; progress, timings, result and error appear as the job runs. The
+        # record expires when the job ends (see transition).
+        stored: dict[str, Any] = {
             "kind": str(kind),
             "status": str(JobStatus.QUEUED),
             "priority": priority,
             "queue": queue,
-            "rq_id": job_id,
             "owner": owner,
-            "created_at": now,
-            "attempts": 0,
+            "created_at": time.time(),
             "timeout_s": timeout_s,
             "payload": payload,
-            "progress": None,
-            "timings": {},
-            "result": None,
-            "error": "",
         }
         pipe = self.conn.pipeline()
         pipe.multi()
-        pipe.hset(job_key(job_id), mapping=self._encode(record))  # type: ignore[arg-type]
-        pipe.xadd(job_events_key(job_id), {"data": _dumps({"type": "status", "status": "queued"})})
+        pipe.hset(job_key(job_id), mapping=self._encode(stored))  # type: ignore[arg-type]
+        pipe.xadd(job_events_key(job_id), {"data": _QUEUED_EVENT})
         pipe.hincrby(JOB_COUNTS_KEY, str(JobStatus.QUEUED), 1)
-        pipe.expire(job_key(job_id), self.result_ttl_s)
-        pipe.expire(job_events_key(job_id), self.result_ttl_s)
         self._enqueue(job_id, job_id, kind, queue, payload, timeout_s, pipe)
         pipe.llen(rq_queue_key(queue))
-        record["queue_length"] = int(pipe.execute()[-1])
-        return record
+        queue_length = int(pipe.execute()[-1])
+        return {**self._with_defaults({"id": job_id, **stored}), "queue_length": queue_length}
 
     def _enqueue(
         self, rq_id: str, job_id: str, kind: JobKind | str, queue: str, payload: dict[str, Any], timeout_s: int,
@@ -169,7 +164,7 @@ class JobRecords:
         raw = self.conn.hgetall(job_key(job_id))
         if not raw:
             raise JobNotFound(job_id)
-        return self._decode(raw)
+        return self._decode({b"id": job_id.encode(), **raw})
 
     def status(self, job_id: str) -> str | None:
         value = self.conn.hget(job_key(job_id), "status")
@@ -210,20 +205,24 @@ class JobRecords:
             pipe.execute()
         return ok
 
-    def start(self, job_id: str, worker: str) -> bool:
-        """queued -> started; False when the job was canceled meanwhile (then it must not run)."""
+    def start(self, job_id: str, worker: str) -> dict[str, Any] | None:
+        """queued -> started; returns the started record, or None when the job was canceled (or taken)
+        meanwhile: then it must not run."""
         record = self.get(job_id)
         now = time.time()
         timings = dict(record.get("timings") or {})
         timings["queued"] = round(now - float(record.get("enqueued_at") or record["created_at"]), 4)
+        attempts = int(record.get("attempts", 0)) + 1
         ok = self.transition(
             job_id, (JobStatus.QUEUED,), JobStatus.STARTED, {"worker": worker},
-            started_at=now, worker=worker, timings=timings, attempts=int(record.get("attempts", 0)) + 1,
+            started_at=now, worker=worker, timings=timings, attempts=attempts,
         )
-        if ok:
-            self.conn.hset(RUNNING_JOBS_KEY, job_id, worker)
-            observe_stage(self.conn, "queued", timings["queued"])
-        return ok
+        if not ok:
+            return None
+        self.conn.hset(RUNNING_JOBS_KEY, job_id, worker)
+        observe_stage(self.conn, "queued", timings["queued"])
+        return {**record, "status": str(JobStatus.STARTED), "started_at": now, "worker": worker,
+                "timings": timings, "attempts": attempts}
 
     def finish(self, job_id: str, result: dict[str, Any], timings: dict[str, float]) -> bool:
         self.conn.hdel(RUNNING_JOBS_KEY, job_id)
@@ -351,6 +350,14 @@ class JobRecords:
         for key in ("created_at", "started_at", "ended_at", "enqueued_at"):
             if record.get(key):
                 record[key] = float(record[key])
+        return self._with_defaults(record)
+
+    @staticmethod
+    def _with_defaults(record: dict[str, Any]) -> dict[str, Any]:
+        record.setdefault("rq_id", record["id"])
+        record.setdefault("attempts", 0)
+        for key, empty in (("progress", None), ("timings", {}), ("result", None), ("error", "")):
+            record.setdefault(key, empty)
         return record
 
 

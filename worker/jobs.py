@@ -13,12 +13,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
 from rq.timeouts import JobTimeoutException
 
 from service.contract import (
     CONTENT_TYPES,
+    JOB_ID_RE,
     AdapterImportPayload,
     FinetunePayload,
     GeneratePayload,
@@ -32,6 +34,7 @@ from service.records import get_adapter, observe_stage, register_adapter
 from worker.runtime import Runtime, runtime
 
 log = logging.getLogger("urae.worker")
+PayloadT = TypeVar("PayloadT", bound=BaseModel)
 
 
 class JobCanceled(Exception):
@@ -39,20 +42,34 @@ class JobCanceled(Exception):
 
 
 @contextmanager
-def _running(rt: Runtime, job_id: str, timeout_s: int) -> Iterator[bool]:
-    """Lease + start; yields False when the job must not run (canceled or already taken)."""
+def _running(rt: Runtime, job_id: str) -> Iterator[dict[str, Any] | None]:
+    """Lease + start; yields the started record, or None when the job must not run (canceled or
+    already taken). A job over its time limit ends failed with that reason."""
     settings = rt.settings
     with rt.records.lease(job_id, settings.lease_ttl_s, settings.heartbeat_interval_s):
-        if not rt.records.start(job_id, rt.name):
-            yield False
+        record = rt.records.start(job_id, rt.name)
+        if record is None:
+            yield None
             return
         rt.current_job = job_id
         try:
-            yield True
+            yield record
         except JobTimeoutException:
-            rt.records.fail(job_id, f"timed out after {timeout_s} s")
+            rt.records.fail(job_id, f"timed out after {record.get('timeout_s', '?')} s")
         finally:
             rt.current_job = None
+
+
+def _parse(rt: Runtime, model: type[PayloadT], payload: dict[str, Any]) -> PayloadT | None:
+    """The validated payload; a malformed one fails its job (when it names one) instead of leaving it queued."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        job_id = payload.get("job_id") if isinstance(payload, dict) else None
+        if isinstance(job_id, str) and JOB_ID_RE.match(job_id):
+            rt.records.fail(job_id, f"malformed job payload: {exc.errors()[0]['msg']}")
+        log.error("malformed job payload: %s", exc)
+        return None
 
 
 def _should_stop(rt: Runtime, job_id: str) -> Callable[[], bool]:
@@ -80,15 +97,17 @@ def run_generate(payload: dict[str, Any]) -> str:
     from urae.spec import AdapterRef
 
     rt = runtime()
-    job = GeneratePayload.model_validate(payload)
+    job = _parse(rt, GeneratePayload, payload)
+    if job is None:
+        return JobStatus.FAILED
     generator = rt.generator
     if generator is None:
-        raise RuntimeError("run_generate needs a generation worker (python -m worker --queues generate)")
-    record = rt.records.get(job.job_id)
-    with _running(rt, job.job_id, int(record.get("timeout_s", 0))) as ok:
-        if not ok:
+        rt.records.fail(job.job_id, "this job reached a worker without a model (start it with --queues generate)")
+        return JobStatus.FAILED
+    with _running(rt, job.job_id) as record:
+        if record is None:
             return "skipped"
-        timings = dict(rt.records.get(job.job_id).get("timings") or {})
+        timings = dict(record["timings"])
         written: list[str] = []
         try:
             spec = resolve_spec(
@@ -163,13 +182,15 @@ def run_adapter_import(payload: dict[str, Any]) -> str:
     from urae.errors import UraeError
 
     rt = runtime()
-    job = AdapterImportPayload.model_validate(payload)
+    job = _parse(rt, AdapterImportPayload, payload)
+    if job is None:
+        return JobStatus.FAILED
     generator = rt.generator
     if generator is None:
-        raise RuntimeError("run_adapter_import needs a generation worker (it uses the base weights)")
-    record = rt.records.get(job.job_id)
-    with _running(rt, job.job_id, int(record.get("timeout_s", 0))) as ok:
-        if not ok:
+        rt.records.fail(job.job_id, "this job reached a worker without a model (start it with --queues generate)")
+        return JobStatus.FAILED
+    with _running(rt, job.job_id) as record:
+        if record is None:
             return "skipped"
         src = rt.storage.path(job.upload)
         try:
@@ -230,12 +251,13 @@ def run_finetune(payload: dict[str, Any]) -> str:
     from urae.train import TrainConfig, load_recipe, train
 
     rt = runtime()
-    job = FinetunePayload.model_validate(payload)
+    job = _parse(rt, FinetunePayload, payload)
+    if job is None:
+        return JobStatus.FAILED
     # The parent worker signals an overdue shutdown with SIGUSR1 (this job runs in a forked child).
     signal.signal(signal.SIGUSR1, lambda *_: setattr(rt, "shutdown_deadline", time.monotonic()))
-    record = rt.records.get(job.job_id)
-    with _running(rt, job.job_id, int(record.get("timeout_s", 0))) as ok:
-        if not ok:
+    with _running(rt, job.job_id) as record:
+        if record is None:
             return "skipped"
         work = rt.storage.path(finetune_work_prefix(job.job_id))
         keep_work = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -19,12 +20,14 @@ from service.contract import (
     TERMINAL_STATUSES,
     JobStatus,
     job_events_key,
+    job_key,
 )
 from service.deps import ApiKeyDep, RecordsDep, SettingsDep, StorageDep
 from service.records import JobNotFound, JobRecords
 from service.schemas import ErrorBody, JobPublic, Links, Progress
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+_STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="32 lower-case hex digits")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}, 401: {"model": ErrorBody}, 422: {"model": ErrorBody}}
@@ -112,18 +115,23 @@ async def job_events(job_id: JobId, request: Request, _: ApiKeyDep, settings: Se
     "total", ...}); the stream closes after the terminal status event.
     """
     aredis: aioredis.Redis = request.app.state.aredis
-    if not await aredis.exists(f"urae:job:{job_id}"):
+    if not await aredis.exists(job_key(job_id)):
         raise ApiError(404, f"job {job_id} not found")
+    # A reconnecting EventSource sends the id of the last event it saw: continue after it.
+    resume_from = request.headers.get("last-event-id", "0")
+    if not _STREAM_ID_RE.match(resume_from):
+        resume_from = "0"
     return StreamingResponse(
-        _event_stream(aredis, job_id, request, settings.sse_keepalive_s),
+        _event_stream(aredis, job_id, request, settings.sse_keepalive_s, resume_from),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _event_stream(aredis: aioredis.Redis, job_id: str, request: Request, keepalive_s: float) -> AsyncIterator[str]:
+async def _event_stream(
+    aredis: aioredis.Redis, job_id: str, request: Request, keepalive_s: float, last_id: str
+) -> AsyncIterator[str]:
     key = job_events_key(job_id)
-    last_id = "0"
     while True:
         try:
             batch: Any = await aredis.xread({key: last_id}, count=200, block=int(keepalive_s * 1000))

@@ -162,3 +162,14 @@ def test_a_job_over_its_time_limit_fails_with_the_reason(settings: Any, http: An
     assert job["status"] == "failed"
     assert job["error"] == "timed out after 1 s"
     assert wait_for_status(http, http.post("/generate", json=SMALL).json()["id"])["status"] == "finished"
+
+
+def test_a_reconnecting_event_stream_continues_after_last_event_id(http: Any, worker: Any) -> None:
+    job_id = http.post("/generate", json=SMALL).json()["id"]
+    assert wait_for_status(http, job_id)["status"] == "finished"
+    ids = [line.removeprefix("id: ") for line in http.get(f"/jobs/{job_id}/events").text.splitlines()
+           if line.startswith("id: ")]
+    assert len(ids) >= 4
+    rest = http.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": ids[-3]}).text
+    assert [line.removeprefix("id: ") for line in rest.splitlines() if line.startswith("id: ")] == ids[-2:]
+    assert '"status": "finished"' in rest

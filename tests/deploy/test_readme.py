@@ -32,7 +32,7 @@ EXERCISED = {
     "docker compose up -d --build": "no Docker engine here: tests/deploy/test_compose.py",
     "python3 -m venv .venv && . .venv/bin/activate": "ci",
     "pip install torch==2.13.0": "ci",
-    'pip install -e ".[dev]"': "ci",
+    'pip install -e ".[dev,train]"': "ci",
     # 2048 px on a CPU: ~15 s alone, much longer on busy cores, so a slow test (python -m pytest -m slow).
     'urae generate "a lighthouse on a cliff at dusk" --model tiny --preset 2k --steps 4 -o lighthouse.png': "test",
     "python -m pytest": "ci",

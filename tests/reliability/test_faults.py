@@ -1,0 +1,137 @@
+"""Faults with real processes: a worker killed mid-job, a job past its timeout, a full disk, a
+pickle planted in Redis. After each one the service keeps serving."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from service.contract import RUNNING_JOBS_KEY, generate_queue, job_key
+from tests.conftest import ApiServer, auth, wait_for_status
+from tests.reliability.conftest import LONG, SMALL, LimitedWorker, wait_progress
+
+
+def statuses_in_redis(conn: redis.Redis) -> dict[str, str]:
+    out = {}
+    for key in conn.scan_iter(match=job_key("*")):
+        if key.count(b":") == 2:  # the hash, not :events / :cancel / :lease
+            out[key.decode()] = (conn.hget(key, "status") or b"").decode()
+    return out
+
+
+# A 64 px image fits, a 512 px one of the random model does not (~600 KiB): see the full-disk test.
+MAX_FILE_BYTES = 96 * 1024
+
+
+@pytest.fixture(scope="module")
+def worker(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LimitedWorker]:
+    """The module's generation worker, with a cap on the size of the files it writes (a disk that is
+    nearly full); the first test starts it only after killing its own worker."""
+    log = tmp_path_factory.mktemp("limited") / "survivor.log"
+    limited = LimitedWorker(service_env, ["--name", "survivor", "--queues", "generate"], log, MAX_FILE_BYTES)
+    limited.wait_ready(service_env["URAE_REDIS_URL"], "survivor")
+    yield limited
+    limited.stop()
+
+
+def test_sigkill_mid_job_fails_it_with_a_reason_and_a_new_worker_serves(
+    http: Any, start_worker: Any, redis_url: str, request: pytest.FixtureRequest
+) -> None:
+    victim = start_worker("victim", "--queues", "generate")
+    job_id = http.post("/generate", json=LONG).json()["id"]
+    wait_progress(http, job_id)
+    victim.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    # No worker is left: the API's own reaper must notice (lease 3 s here; 20 s + 5 s by default).
+    job = wait_for_status(http, job_id, timeout_s=60)
+    assert time.monotonic() - killed_at < 60
+    assert job["status"] == "failed"
+    assert "worker victim stopped responding" in job["error"]
+    conn = redis.Redis.from_url(redis_url)
+    assert not conn.hexists(RUNNING_JOBS_KEY, job_id)
+    assert "started" not in statuses_in_redis(conn).values()
+
+    victim.stop()
+    request.getfixturevalue("worker")  # a restarted worker
+    after = wait_for_status(http, http.post("/generate", json=SMALL).json()["id"])
+    assert after["status"] == "finished", after["error"]
+    assert http.get(after["links"]["images"][0]).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def short_timeout_api(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    server = ApiServer({**service_env, "URAE_JOB_TIMEOUT_S": "2"}, tmp_path_factory.mktemp("api-timeout") / "api.log")
+    with httpx.Client(base_url=server.url, headers=auth(), timeout=30) as client:
+        yield client
+    server.stop()
+
+
+def test_a_job_past_its_timeout_fails_and_the_next_one_runs(short_timeout_api: Any, worker: Any) -> None:
+    http = short_timeout_api
+    for _ in range(3):  # the timeout may land anywhere in a step: progress, cancel check or compute
+        job = wait_for_status(http, http.post("/generate", json=LONG).json()["id"], timeout_s=60)
+        assert job["status"] == "failed", job
+        assert job["error"] == "timed out after 2 s"
+        assert job["links"]["images"] == []
+    after = wait_for_status(http, http.post("/generate", json=SMALL).json()["id"])
+    assert after["status"] == "finished", after["error"]
+    assert worker.proc.poll() is None
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_planted_in_redis_is_never_run_by_a_worker(
+    http: Any, worker: Any, redis_url: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(_RunsCode(marker)))  # the payload really does run code when unpickled
+    assert marker.exists()
+    marker.unlink()
+
+    conn = redis.Redis.from_url(redis_url)
+    evil = "f" * 32
+    # What RQ's default (pickle) serializer would store; anyone who can write to Redis can do this.
+    conn.hset(f"rq:job:{evil}", mapping={
+        "data": zlib.compress(pickle.dumps(_RunsCode(marker))), "status": "queued", "origin": generate_queue("normal"),
+        "created_at": "2026-01-01T00:00:00.000000Z", "enqueued_at": "2026-01-01T00:00:00.000000Z",
+        "description": "planted", "timeout": "60",
+    })
+    conn.rpush(f"rq:queue:{generate_queue('normal')}", evil)
+    conn.sadd("rq:queues", f"rq:queue:{generate_queue('normal')}")
+
+    after = wait_for_status(http, http.post("/generate", json=SMALL).json()["id"])
+    assert after["status"] == "finished", after["error"]
+    assert conn.llen(f"rq:queue:{generate_queue('normal')}") == 0  # the planted job was taken, and refused
+    assert not marker.exists()
+    assert worker.proc.poll() is None
+    assert http.get("/ready").json()["live_workers"] == 1
+
+
+def test_a_full_disk_fails_the_job_leaves_no_partial_file_and_the_worker_serves_on(
+    http: Any, worker: LimitedWorker, service_env: dict[str, str]
+) -> None:
+    job = wait_for_status(http, http.post("/generate", json={**SMALL, "width": 512, "height": 512}).json()["id"])
+    assert job["status"] == "failed", job
+    assert "cannot write" in job["error"] and "File too large" in job["error"]
+    job_dir = Path(service_env["URAE_STORAGE_DIR"]) / "jobs" / job["id"]
+    assert not job_dir.exists() or list(job_dir.iterdir()) == []
+    assert worker.proc.poll() is None
+
+    after = wait_for_status(http, http.post("/generate", json=SMALL).json()["id"])
+    assert after["status"] == "finished", after["error"]
+    assert http.get(after["links"]["images"][0]).headers["content-type"] == "image/png"

@@ -78,6 +78,8 @@ def _should_stop(rt: Runtime, job_id: str) -> Callable[[], bool]:
             return True
         try:
             return rt.records.cancel_requested(job_id)
+        except JobTimeoutException:
+            raise  # RQ's alarm can land inside this call: the job must still time out
         except Exception:  # Redis blip: keep going, the next step asks again
             return False
 
@@ -120,6 +122,8 @@ def run_generate(payload: dict[str, Any]) -> str:
             def on_progress(p: Any) -> None:
                 try:
                     rt.records.set_progress(job.job_id, {"stage": p.stage, "step": p.step, "total": p.total})
+                except JobTimeoutException:
+                    raise
                 except Exception:
                     log.warning("job %s: progress not published", job.job_id)
 
@@ -285,6 +289,8 @@ def run_finetune(payload: dict[str, Any]) -> str:
                             "eta_s": round(float(p.eta_s), 2)}
                 try:
                     rt.records.set_progress(job.job_id, progress)
+                except JobTimeoutException:
+                    raise
                 except Exception:
                     log.warning("job %s: progress not published", job.job_id)
 

@@ -135,3 +135,27 @@ def test_a_full_disk_fails_the_job_leaves_no_partial_file_and_the_worker_serves_
     after = wait_for_status(http, http.post("/generate", json=SMALL).json()["id"])
     assert after["status"] == "finished", after["error"]
     assert http.get(after["links"]["images"][0]).headers["content-type"] == "image/png"
+
+
+def test_the_timeout_alarm_is_not_swallowed_by_the_per_step_cancel_check(
+    settings: Any, redis_url: str, tmp_path: Path
+) -> None:
+    from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
+
+    from service.records import JobRecords, connect
+    from service.storage import LocalStorage
+    from worker.jobs import _should_stop
+    from worker.runtime import Runtime
+
+    class SlowRedisRecords(JobRecords):
+        def cancel_requested(self, job_id: str) -> bool:
+            time.sleep(3)  # a slow round trip: RQ's alarm goes off in the middle of it
+            return False
+
+    conn = connect(redis_url)
+    rt = Runtime(settings, "alarm", conn, SlowRedisRecords(conn), LocalStorage(tmp_path))
+    check = _should_stop(rt, "0" * 32)
+    started = time.monotonic()
+    with pytest.raises(JobTimeoutException), UnixSignalDeathPenalty(1, JobTimeoutException, job_id="alarm"):
+        check()
+    assert time.monotonic() - started < 2.5

@@ -72,9 +72,15 @@ def summary(values: list[float]) -> str:
             f"p99 {percentile(ms, 99):7.2f} ms   (n={len(ms)})")
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def stack(workdir: Path, max_queue_depth: int, threads: int) -> Iterator[str]:
-    """redis-server + uvicorn + one worker; yields the API's base URL."""
+def stack(workdir: Path, max_queue_depth: int, threads: int) -> Iterator[tuple[str, int]]:
+    """redis-server + uvicorn + one worker; yields the API's base URL and the API's process id."""
     redis_port, api_port = free_port(), free_port()
     env = {**os.environ, "URAE_API_KEYS": KEY, "URAE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
            "URAE_STORAGE_DIR": str(workdir / "storage"), "URAE_MODEL": "tiny", "URAE_DEVICE": "cpu",
@@ -97,7 +103,7 @@ def stack(workdir: Path, max_queue_depth: int, threads: int) -> Iterator[str]:
         url = f"http://127.0.0.1:{api_port}"
         headers = {"Authorization": f"Bearer {KEY}"}
         wait_until(lambda: httpx.get(f"{url}/ready", headers=headers).status_code == 200, 180, "API and worker")
-        yield url
+        yield url, procs[1].pid
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -170,7 +176,7 @@ async def _client(url: str, deadline: float, latencies: list[float], statuses: d
             i += 1
 
 
-def throughput(url: str, clients: int, seconds: float) -> tuple[float, list[float], dict[int, int]]:
+def throughput(url: str, api_pid: int, clients: int, seconds: float) -> tuple[float, list[float], dict[int, int], float]:
     headers = {"Authorization": f"Bearer {KEY}"}
     blocker = httpx.post(f"{url}/generate", json=body(1, steps=100), headers=headers).json()["id"]
     wait_until(lambda: httpx.get(f"{url}/jobs/{blocker}", headers=headers).json()["status"] == "started", 30, "busy")
@@ -181,10 +187,12 @@ def throughput(url: str, clients: int, seconds: float) -> tuple[float, list[floa
         deadline = time.perf_counter() + seconds
         await asyncio.gather(*(_client(url, deadline, latencies, statuses, 10_000 * c) for c in range(clients)))
 
+    cpu0 = process_cpu_s(api_pid)
     t0 = time.perf_counter()
     asyncio.run(run())
     elapsed = time.perf_counter() - t0
-    return statuses.get(202, 0) / elapsed, latencies, statuses
+    api_cpu_per_request = (process_cpu_s(api_pid) - cpu0) / max(1, len(latencies))
+    return statuses.get(202, 0) / elapsed, latencies, statuses, api_cpu_per_request
 
 
 def adapter_swap_times(workdir: Path, repeats: int) -> dict[str, float]:
@@ -241,9 +249,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="urae-bench-") as tmp:
         workdir = Path(tmp)
         print(f"tiny model, {SIZE} px, 2 steps, CPU ({os.cpu_count()} cores, {threads} torch threads), loopback\n")
-        with stack(workdir, max_queue_depth=1_000_000, threads=threads) as url:
+        with stack(workdir, max_queue_depth=1_000_000, threads=threads) as (url, api_pid):
             times = latencies(url, args.runs, threads, workdir)
-            rate, under_load, statuses = throughput(url, args.clients, args.seconds)
+            rate, under_load, statuses, api_cpu = throughput(url, api_pid, args.clients, args.seconds)
         swap = adapter_swap_times(workdir, repeats=10)
 
     overhead = statistics.median(times["end_to_end"]) - statistics.median(times["in_process"])
@@ -255,6 +263,7 @@ def main() -> None:
     print(f"submit throughput, {args.clients} clients, worker busy  {rate:7.1f} jobs/s   target >= 300/s")
     print(f"  latency under load                    {summary(under_load)}   target p99 < 100 ms")
     print(f"  answers                               {statuses}")
+    print(f"  API process CPU per submission        {api_cpu * 1000:7.2f} ms   (one free core: ~{1 / api_cpu:.0f}/s)")
     print(f"adapter hot-swap (in place)             {swap['hot_swap'] * 1000:7.2f} ms")
     print(f"adapter load into a new slot            {swap['new_slot'] * 1000:7.2f} ms")
     print(f"cold load in-process (pipeline+adapter) {swap['cold_load'] * 1000:7.2f} ms   "

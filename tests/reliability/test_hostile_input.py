@@ -248,3 +248,15 @@ def test_hostile_dataset_archives_are_refused_and_nothing_is_written(http: Any, 
     after_outside = files_under(outside) - {f"{storage.name}/{f}" for f in files_under(storage)}
     assert {f for f in after_outside - before_outside if "evil" in f} == set()
     assert not list(Path("/tmp").glob("evil-*"))
+
+
+def test_a_safetensors_header_length_that_starts_like_a_pickle_is_not_called_one(http: Any) -> None:
+    # A header of 384 bytes: its length field starts with 0x80, the pickle protocol marker.
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (384 - len(header))
+    data = struct.pack("<Q", len(header)) + header + b"\x00" * 8
+    assert data[:1] == b"\x80"
+    response = http.post("/adapters", files={"file": ("a.safetensors", data)}, data={"name": "not-a-pickle"})
+    assert "pickle" not in response.text
+    assert response.status_code == 202, response.text  # passed the header check; a worker would convert it
+    assert http.delete(response.headers["Location"]).status_code == 200

@@ -32,6 +32,8 @@ ADAPTER_WEIGHT_RANGE = (-4.0, 4.0)
 PRESET_LONG_SIDE = {"1k": 1024, "2k": 2048, "4k": 4096}
 ASPECT_RATIOS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "2:1", "1:2", "4:1", "1:4")
 BUILTIN_ADAPTERS = ("urae-2k", "urae-4k", "urae-4k-schnell")
+# Training recipes shipped with the library (urae/train/recipes), selectable by name in /finetune.
+SHIPPED_RECIPES = ("urae-2k", "urae-4k")
 
 # -- names and ids -----------------------------------------------------------------------------------
 # Strict on purpose: these become Redis keys and file names. No dots, slashes, percent signs or

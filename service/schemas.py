@@ -176,7 +176,7 @@ class FinetuneRecipe(BaseModel):
         json_schema_extra={"examples": [{"recipe": "urae-2k", "steps": 200, "rank": 8}]},
     )
 
-    recipe: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    recipe: Literal["urae-2k", "urae-4k"] | None = None
     base_adapter: str | None = Field(default=None, pattern=ADAPTER_NAME_PATTERN)
     adapter_kind: Literal["minor_components", "lora"] | None = None
     rank: int | None = Field(default=None, ge=1, le=256)

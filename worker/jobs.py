@@ -252,7 +252,7 @@ def register_file(
 def run_finetune(payload: dict[str, Any]) -> str:
     """Train an adapter on a stored dataset and register it (runs in its own process)."""
     from urae.errors import TrainingCanceled, UraeError
-    from urae.train import TrainConfig, load_recipe, train
+    from urae.train import TrainConfig, train
 
     rt = runtime()
     job = _parse(rt, FinetunePayload, payload)
@@ -268,7 +268,7 @@ def run_finetune(payload: dict[str, Any]) -> str:
         try:
             overrides = dict(job.recipe)
             recipe_name = overrides.pop("recipe", None)
-            data = {**(load_recipe(str(recipe_name)) if recipe_name else {}), **overrides}
+            data = {**(_shipped_recipe(str(recipe_name)) if recipe_name else {}), **overrides}
             if data.get("base_adapter"):
                 data["base_adapter"] = str(rt.resolve_adapter(str(data["base_adapter"])))
             config = TrainConfig.from_dict({
@@ -321,3 +321,15 @@ def run_finetune(payload: dict[str, Any]) -> str:
         finally:
             if not keep_work:
                 rt.storage.delete(finetune_work_prefix(job.job_id))
+
+
+def _shipped_recipe(name: str) -> dict[str, Any]:
+    """A recipe shipped with the library, by name only: a client never names a file on the server."""
+    from urae.errors import InvalidSpecError
+    from urae.train.config import load_recipe, recipe_folders
+
+    for folder in recipe_folders():
+        path = folder / f"{name}.yaml"
+        if path.is_file():
+            return load_recipe(str(path))
+    raise InvalidSpecError("recipe", f"{name!r} is not a shipped recipe")

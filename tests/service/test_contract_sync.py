@@ -51,3 +51,20 @@ def test_service_imports_no_model_code() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shipped_recipes_and_recipe_fields_equal_the_library() -> None:
+    import dataclasses
+    import typing
+
+    from service.schemas import SERVER_TRAIN_FIELDS, FinetuneRecipe
+    from urae.train import TrainConfig
+    from urae.train.config import recipe_folders
+
+    shipped = {p.stem for p in recipe_folders()[0].glob("*.yaml")}
+    assert set(contract.SHIPPED_RECIPES) == shipped
+    assert set(typing.get_args(typing.get_args(FinetuneRecipe.model_fields["recipe"].annotation)[0])) == shipped
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"recipe"}
+    api_fields = set(FinetuneRecipe.model_fields) - {"recipe"}
+    assert api_fields | set(SERVER_TRAIN_FIELDS) == train_fields
+    assert not api_fields & set(SERVER_TRAIN_FIELDS)

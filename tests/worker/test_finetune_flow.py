@@ -16,9 +16,10 @@ from PIL import Image
 
 from tests.conftest import wait_for_status
 
-RECIPE = {"adapter_kind": "lora", "rank": 4, "resolution": 64, "max_sequence_length": 64, "steps": 3,
-          "learning_rate": 0.05, "mixed_precision": "no", "gradient_checkpointing": False,
-          "checkpoint_every": 0, "sample_every": 0}
+# The shipped 2K recipe, scaled down to the tiny model.
+RECIPE = {"recipe": "urae-2k", "adapter_kind": "lora", "rank": 4, "alpha": 4, "resolution": 64,
+          "max_sequence_length": 64, "steps": 3, "optimizer": "adamw", "learning_rate": 0.05,
+          "mixed_precision": "no", "gradient_checkpointing": False, "checkpoint_every": 0, "sample_every": 0}
 
 
 def dataset_zip(count: int = 3, folder: str = "pets/") -> bytes:
@@ -98,6 +99,7 @@ def test_finetune_registers_an_adapter_that_generate_uses(http: Any, workers: An
         ({"model_id": "other"}, "recipe.model_id"),
         ({"learning_rat": 1.0}, "recipe.learning_rat"),
         ({"base_adapter": "missing"}, "adapters[0].name"),
+        ({"recipe": "../../etc/passwd"}, "recipe.recipe"),
     ],
 )
 def test_bad_recipes_are_refused_before_queueing(http: Any, recipe: dict[str, Any], field: str) -> None:

@@ -90,8 +90,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_queues(text: str) -> tuple[list[str], JobKind]:
     names: list[str] = []
+    known = (*GENERATE_QUEUES, FINETUNE_QUEUE)
     for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part not in QUEUE_ALIASES and part not in known:
+            raise SystemExit(f"urae-worker: unknown queue {part!r}; use generate, finetune or one of {', '.join(known)}")
         names += QUEUE_ALIASES.get(part, [part])
+    if not names:
+        raise SystemExit("urae-worker: --queues names no queue")
     kind = JobKind.FINETUNE if names == [FINETUNE_QUEUE] else JobKind.GENERATE
     if FINETUNE_QUEUE in names and kind != JobKind.FINETUNE:
         raise SystemExit("urae-worker: the finetune queue needs its own worker process (it is isolated)")

@@ -78,7 +78,9 @@ def short_timeout_api(service_env: dict[str, str], tmp_path_factory: pytest.Temp
 def test_a_job_past_its_timeout_fails_and_the_next_one_runs(short_timeout_api: Any, worker: Any) -> None:
     http = short_timeout_api
     for _ in range(3):  # the timeout may land anywhere in a step: progress, cancel check or compute
-        job = wait_for_status(http, http.post("/generate", json=LONG).json()["id"], timeout_s=60)
+        # 512 px x 4 images x 100 steps: far past 2 s even on a fast CPU; the timeout bounds the cost.
+        body = {**LONG, "width": 512, "height": 512}
+        job = wait_for_status(http, http.post("/generate", json=body).json()["id"], timeout_s=60)
         assert job["status"] == "failed", job
         assert job["error"] == "timed out after 2 s"
         assert job["links"]["images"] == []

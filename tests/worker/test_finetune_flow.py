@@ -113,8 +113,10 @@ def test_a_crashing_training_leaves_generation_serving(http: Any, workers: Any, 
 
     from service.contract import worker_key
 
-    response = http.post("/finetune", data={"adapter_name": "crash", "dataset_name": "pets",
-                                            "recipe": json.dumps({**RECIPE, "steps": 500})})
+    files = {"dataset": ("crash.zip", dataset_zip(), "application/zip")}
+    response = http.post("/finetune", files=files, data={"adapter_name": "crash", "dataset_name": "crash-set",
+                                                         "recipe": json.dumps({**RECIPE, "steps": 500})})
+    assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -125,6 +125,7 @@ def test_output_write_failure_fails_the_job_and_the_worker_keeps_serving(
 
     jobs_dir = Path(service_env["URAE_STORAGE_DIR"]) / "jobs"
     backup = jobs_dir.with_name("jobs-kept")
+    jobs_dir.mkdir(parents=True, exist_ok=True)  # also when no job has written anything yet
     jobs_dir.rename(backup)
     jobs_dir.write_text("not a directory")  # every image write now fails
     try:
@@ -139,6 +140,8 @@ def test_output_write_failure_fails_the_job_and_the_worker_keeps_serving(
 
 
 def test_ready_and_metrics_report_the_worker(http: Any, worker: Any) -> None:
+    for _ in range(4):
+        assert wait_for_status(http, http.post("/generate", json=SMALL).json()["id"])["status"] == "finished"
     ready = http.get("/ready")
     assert ready.status_code == 200 and ready.json()["live_workers"] == 1
     text = http.get("/metrics").text

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import tomllib
 import zipfile
 from pathlib import Path
@@ -110,7 +111,8 @@ def test_the_api_walkthrough_runs_as_written(served_stack: ServedStack, tmp_path
     with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:
         for i, color in enumerate(("red", "blue")):
             png = io.BytesIO()
-            Image.new("RGB", (64, 64), color).save(png, "PNG")
+            # The default recipe trains at 2048 px and needs images of at least 1024 px.
+            Image.new("RGB", (1024, 768), color).save(png, "PNG")
             archive.writestr(f"photo{i}.png", png.getvalue())
             archive.writestr(f"photo{i}.txt", f"a {color} square")
 
@@ -125,8 +127,17 @@ def test_the_api_walkthrough_runs_as_written(served_stack: ServedStack, tmp_path
         assert image.size == (256, 256)
     assert '"name":"my-style"' in out and '"builtin":false' in out
     assert '"kind":"finetune"' in out
-    # Leave no training running on the shared stack's CPU.
+    # The fine-tune job really runs (the dataset passes its checks), then no training is left running
+    # on the shared stack's CPU.
     train_id = json.loads((tmp_path / "train.json").read_text())["id"]
+    headers = {"Authorization": f"Bearer {served_stack.api_key}"}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        train = httpx.get(f"{served_stack.base_url}/jobs/{train_id}", headers=headers, timeout=10).json()
+        if train["status"] != "queued" and train["progress"] is not None or train["status"] == "failed":
+            break
+        time.sleep(0.2)
+    assert train["status"] in ("started", "finished"), train
     httpx.delete(f"{served_stack.base_url}/jobs/{train_id}", headers={"Authorization": f"Bearer {served_stack.api_key}"},
                  timeout=10)
 

@@ -163,3 +163,14 @@ def test_the_settings_table_lists_every_setting_with_its_default() -> None:
     assert not set(rows) - set(expected) - {"URAE_MODEL"}, "the table lists settings that do not exist"
     for name, cell in expected.items():
         assert rows[name].strip() == cell, f"{name}: README says {rows[name].strip()}, Settings says {cell}"
+
+
+def test_the_library_example_runs_as_written(tmp_path: Path) -> None:
+    block = re.search(r"## The library and its command line.*?```python\n(.*?)```", README, re.S)
+    assert block is not None
+    result = subprocess.run([sys.executable, "-c", block.group(1)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "denoise 2 2" in result.stdout
+    with Image.open(tmp_path / "lighthouse.png") as image:
+        assert image.size == (2736, 1536)  # 16:9 at the 2K pixel budget

@@ -190,6 +190,9 @@ class AdapterManager:
         return sha
 
     def _load(self, state: dict[str, torch.Tensor], slot: str, hotswap: bool) -> None:
+        if hotswap:
+            self._swap_in_place(state, slot)
+            return
         if self.hotswap_rank is not None:
             state = uniform_rank(state)
         if (
@@ -208,6 +211,42 @@ class AdapterManager:
             self.pipe.load_lora_weights(dict(state), adapter_name=slot, hotswap=hotswap)
         finally:
             loader_log.setLevel(level)
+
+    def _swap_in_place(self, state: dict[str, torch.Tensor], slot: str) -> None:
+        """Copy a validated adapter into an existing slot's LoRA weights (what peft's hot-swap does).
+
+        The slot's layers keep their tensors, shapes (padded to ``hotswap_rank``) and scaling, so a
+        compiled transformer sees no change but the values; layers the new adapter does not target
+        are zeroed. Every adapter here has its alpha folded into B (scale 1), like the slot's previous
+        one. Doing the copy directly skips diffusers' per-load walks over the whole model, which cost
+        more than the copy itself.
+        """
+        layers: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            path = key.removeprefix("transformer.")
+            for part in ("A", "B"):
+                suffix = f".lora_{part}.weight"
+                if path.endswith(suffix):
+                    layers.setdefault(path.removesuffix(suffix), {})[part] = value
+        from peft.tuners.lora import LoraLayer
+
+        covered = 0
+        with torch.no_grad():
+            for name, module in self.pipe.transformer.named_modules():
+                if not isinstance(module, LoraLayer) or slot not in module.lora_A:
+                    continue
+                down, up = module.lora_A[slot].weight, module.lora_B[slot].weight
+                down.zero_()
+                up.zero_()
+                pair = layers.get(name)
+                if pair is None:
+                    continue
+                rank = pair["A"].shape[0]
+                down[:rank].copy_(pair["A"])
+                up[:, :rank].copy_(pair["B"])
+                covered += 1
+        if covered != len(layers):
+            raise AdapterLoadError(f"slot {slot} covers {covered} of the adapter's {len(layers)} layers")
 
     def _discard(self, slot: str | None) -> None:
         """Remove a slot whose load failed, so no half-loaded weights stay in the model."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from service.admission import ApiError, WorkerDirectory
 from service.records import JobRecords, connect
+from service.retention import sweep_expired_outputs
 from service.routers import adapters, finetune, generate, health, jobs, playground
 from service.settings import Settings, get_settings
 from service.storage import LocalStorage, StorageKeyError
@@ -28,12 +30,23 @@ Every route except `/health` needs `Authorization: Bearer <key>`.
 """
 
 
-def _reaper(records: JobRecords, settings: Settings, stop: threading.Event) -> None:
-    # Fails (or retries) jobs whose worker died, even when no worker is left to notice.
+# How often the maintenance thread looks for the images of expired jobs.
+OUTPUT_SWEEP_INTERVAL_S = 300.0
+
+
+def _reaper(records: JobRecords, storage: LocalStorage, settings: Settings, stop: threading.Event) -> None:
+    # Fails (or retries) jobs whose worker died, even when no worker is left to notice; deletes the
+    # images of jobs whose records have expired.
+    next_sweep = 0.0
     while not stop.wait(settings.reaper_interval_s):
         try:
             for job_id in records.reap_orphans(settings.lease_ttl_s, settings.retry_orphaned_jobs):
                 log.warning("job %s lost its worker", job_id)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + OUTPUT_SWEEP_INTERVAL_S
+                removed = sweep_expired_outputs(records.conn, storage, settings.result_ttl_s)
+                if removed:
+                    log.info("deleted the images of %d expired job(s)", len(removed))
         except redis.RedisError:
             pass  # Redis down: /ready and the 503 answers report it; try again next round
 
@@ -58,7 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.storage = LocalStorage(settings.storage_dir)
         app.state.workers = WorkerDirectory(settings.worker_info_cache_s)
         stop = threading.Event()
-        reaper = threading.Thread(target=_reaper, args=(app.state.records, settings, stop), name="reaper", daemon=True)
+        reaper = threading.Thread(
+            target=_reaper, args=(app.state.records, app.state.storage, settings, stop), name="reaper", daemon=True
+        )
         reaper.start()
         try:
             yield

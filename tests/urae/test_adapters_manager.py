@@ -359,3 +359,24 @@ def test_adapters_with_different_ranks_per_module(
         transformer_output(pipe.transformer), merged_output(adapters, {"with_ff": 1.0}), atol=1e-5, rtol=0
     )
     assert manager.loaded() == ["with_ff"] and len(pipe.transformer.peft_config) == 1
+
+
+def test_hotswap_under_torch_compile_never_recompiles(adapters: dict[str, Path]) -> None:
+    import torch._dynamo
+
+    pipe = build_tiny_pipeline("tiny")
+    manager = AdapterManager(pipe, capacity=1, hotswap_rank=48)
+    manager.ensure("a", adapters["a"])
+    manager.activate([AdapterRef("a", 1.0)])
+    # In place, as diffusers recommends: assigning a compiled wrapper would hide the adapters.
+    pipe.transformer.compile(backend="eager", dynamic=False)
+    torch._dynamo.reset()
+    transformer_output(pipe.transformer)  # the one compilation
+    outputs = {}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for name, weight in [("b", 1.0), ("4k", 0.5), ("a", 1.0)]:
+            manager.ensure(name, adapters[name])
+            manager.activate([AdapterRef(name, weight)])
+            outputs[name] = transformer_output(pipe.transformer)
+    for name, weight in [("b", 1.0), ("4k", 0.5), ("a", 1.0)]:
+        torch.testing.assert_close(outputs[name], merged_output(adapters, {name: weight}), atol=1e-5, rtol=0)

@@ -55,7 +55,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sequence-length", type=int)
     p.add_argument("--ntk-factor", type=float)
     p.add_argument("--shift", type=float, help="static timestep shift")
-    p.add_argument("--vae-decode", choices=["auto", "full", "tiled"])
+    p.add_argument("--vae-decode", choices=["auto", "full", "tiled", "patched"])
     p.add_argument(
         "--adapter",
         action="append",

@@ -50,3 +50,23 @@ def test_auto_mode_tiles_above_2k():
     assert choose_mode("auto", 3072, 2048) == "tiled"
     with pytest.raises(ValueError):
         choose_mode("fast", 64, 64)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 160, 136), (1, 4, 131, 137)])
+def test_patched_convolutions_match_the_plain_decode(vae, shape, monkeypatch):
+    import urae.vae_decode as vae_decode
+
+    # Band the convolutions at this test's sizes (the default starts at 1024 x 1024 maps).
+    monkeypatch.setattr(vae_decode, "PATCH_ABOVE_PIXELS", 64 * 64)
+    calls = []
+    original = vae_decode._banded_conv
+    monkeypatch.setattr(vae_decode, "_banded_conv", lambda *a: calls.append(1) or original(*a))
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = decode_latents(vae, z, "full")
+        patched = decode_latents(vae, z, "patched")
+    assert calls, "no convolution ran in bands"
+    # The same sums; only the convolution kernel's blocking may order them differently.
+    torch.testing.assert_close(patched, full, atol=1e-5, rtol=0)
+    # The decoder is back to its own forward afterwards.
+    assert all("forward" not in vars(m) for m in vae.decoder.modules())

@@ -91,6 +91,13 @@ def _fail_unexpected(rt: Runtime, job_id: str, exc: BaseException, timings: dict
     rt.records.fail(job_id, f"internal error: {type(exc).__name__}: {exc}", timings)
 
 
+def _resident_generator(rt: Runtime, job_id: str) -> Any:
+    """The worker's loaded model; None (and the job failed) on a worker started without one."""
+    if rt.generator is None:
+        rt.records.fail(job_id, "this job reached a worker without a model (start it with --queues generate)")
+    return rt.generator
+
+
 def run_generate(payload: dict[str, Any]) -> str:
     """Generate images for a job and write them to storage."""
     from urae.errors import GenerationCanceled, OutputWriteError, UraeError
@@ -102,9 +109,8 @@ def run_generate(payload: dict[str, Any]) -> str:
     job = _parse(rt, GeneratePayload, payload)
     if job is None:
         return JobStatus.FAILED
-    generator = rt.generator
+    generator = _resident_generator(rt, job.job_id)
     if generator is None:
-        rt.records.fail(job.job_id, "this job reached a worker without a model (start it with --queues generate)")
         return JobStatus.FAILED
     with _running(rt, job.job_id) as record:
         if record is None:
@@ -189,9 +195,8 @@ def run_adapter_import(payload: dict[str, Any]) -> str:
     job = _parse(rt, AdapterImportPayload, payload)
     if job is None:
         return JobStatus.FAILED
-    generator = rt.generator
+    generator = _resident_generator(rt, job.job_id)
     if generator is None:
-        rt.records.fail(job.job_id, "this job reached a worker without a model (start it with --queues generate)")
         return JobStatus.FAILED
     with _running(rt, job.job_id) as record:
         if record is None:

@@ -198,7 +198,7 @@ def run_load(base_url: str, api_key: str, redis_url: str, duration_s: float = 20
 
 
 def _own_stack(args: argparse.Namespace) -> Any:
-    from service.local_stack import LocalStack, StackOptions
+    from launcher.local_stack import LocalStack, StackOptions
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -17,8 +17,9 @@ RUN useradd --create-home --uid 1000 urae \
 COPY docker/requirements-api.txt /tmp/requirements-api.txt
 RUN pip install -r /tmp/requirements-api.txt
 
-# Only the service package: the library and the worker (and their torch) stay out of this image.
+# Only the HTTP edge and the shared job store: the library and the worker (and their torch) stay out.
 COPY pyproject.toml README.md /src/
+COPY jobstore /src/jobstore
 COPY service /src/service
 RUN pip install --no-deps /src && rm -rf /src
 COPY docker/healthcheck.py /opt/urae/healthcheck.py

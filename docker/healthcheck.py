@@ -28,7 +28,7 @@ def check_api(url: str) -> str | None:
 def check_worker(prefix: str) -> str | None:
     import redis
 
-    from service.contract import worker_key
+    from jobstore.contract import worker_key
 
     url = os.environ.get("URAE_REDIS_URL", "redis://localhost:6379/0")
     try:

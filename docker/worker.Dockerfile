@@ -18,6 +18,7 @@ RUN useradd --create-home --uid 1000 urae \
 # The base image's CUDA torch satisfies the project's torch range, so pip keeps it.
 COPY pyproject.toml README.md /src/
 COPY urae /src/urae
+COPY jobstore /src/jobstore
 COPY service /src/service
 COPY worker /src/worker
 RUN pip install /src && rm -rf /src

@@ -13,9 +13,10 @@ from typing import Any
 
 import redis
 
-from service.contract import ADAPTERS_KEY, BUILTIN_ADAPTERS, GENERATE_QUEUES, JobKind
-from service.records import live_workers, rq_queue_key
-from service.settings import Settings
+from jobstore.contract import ADAPTERS_KEY, BUILTIN_ADAPTERS, GENERATE_QUEUES, JobKind
+from jobstore.queues import rq_queue_key
+from jobstore.settings import Settings
+from jobstore.workers import live_workers
 
 
 class ApiError(Exception):

@@ -15,12 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from jobstore.jobs import JobRecords
+from jobstore.queues import connect
+from jobstore.retention import sweep_expired_outputs
+from jobstore.settings import Settings, get_settings
+from jobstore.storage import LocalStorage, StorageKeyError
 from service.admission import ApiError, WorkerDirectory
-from service.records import JobRecords, connect
-from service.retention import sweep_expired_outputs
 from service.routers import adapters, finetune, generate, health, jobs, playground
-from service.settings import Settings, get_settings
-from service.storage import LocalStorage, StorageKeyError
 
 log = logging.getLogger("urae.service")
 
@@ -132,7 +133,7 @@ def main() -> None:
 
     import uvicorn
 
-    from service.settings import SettingsError
+    from jobstore.settings import SettingsError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 
-from service.settings import Settings, hash_api_key
+from jobstore.settings import Settings, hash_api_key
 
 OPEN_ACCESS_OWNER = "open"
 

@@ -11,10 +11,10 @@ from typing import Annotated
 import redis
 from fastapi import Depends, Header, HTTPException, Request
 
+from jobstore.jobs import JobRecords
+from jobstore.settings import Settings
+from jobstore.storage import LocalStorage
 from service.auth import Unauthorized, authenticate
-from service.records import JobRecords
-from service.settings import Settings
-from service.storage import LocalStorage
 
 
 async def get_settings(request: Request) -> Settings:

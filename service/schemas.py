@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.contract import (
+from jobstore.contract import (
     ADAPTER_NAME_PATTERN,
     ASPECT_RATIOS,
     MAX_ADAPTERS_PER_REQUEST,

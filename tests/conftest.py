@@ -106,7 +106,7 @@ def service_env(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def make_settings(env: dict[str, str], **overrides: Any) -> Any:
-    from service.settings import Settings
+    from jobstore.settings import Settings
 
     values = {k.removeprefix("URAE_").lower(): v for k, v in env.items()}
     values.update(overrides)
@@ -148,7 +148,7 @@ class WorkerProcess:
     def wait_ready(self, redis_url: str, name: str, timeout_s: float = 120.0) -> None:
         import redis
 
-        from service.contract import worker_key
+        from jobstore.contract import worker_key
 
         conn = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + timeout_s

@@ -27,9 +27,9 @@ import redis
 from rq import SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
-from service.contract import FINETUNE_QUEUE, GENERATE_QUEUES, JobKind
-from service.records import publish_worker, remove_worker
-from service.settings import SettingsError, get_settings
+from jobstore.contract import FINETUNE_QUEUE, GENERATE_QUEUES, JobKind
+from jobstore.settings import SettingsError, get_settings
+from jobstore.workers import publish_worker, remove_worker
 from worker.runtime import Runtime, init_runtime
 
 log = logging.getLogger("urae.worker")
@@ -169,7 +169,8 @@ def _load_model(rt: Runtime) -> bool:
 def _heartbeat(rt: Runtime, info: dict[str, Any], stop: threading.Event) -> None:
     s = rt.settings
     # Its own connection: a slow reply to the job thread must not delay the heartbeat, and vice versa.
-    from service.records import JobRecords, connect
+    from jobstore.jobs import JobRecords
+    from jobstore.queues import connect
 
     conn = connect(s.redis_url, s.redis_socket_timeout_s)
     records = JobRecords(conn, s.result_ttl_s)

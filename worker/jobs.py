@@ -1,4 +1,4 @@
-"""The job functions RQ runs, by the dotted names in service.contract.JOB_FUNCTIONS.
+"""The job functions RQ runs, by the dotted names in jobstore.contract.JOB_FUNCTIONS.
 
 Each one: takes its lease (the heartbeat while it runs), moves the job queued -> started (or does
 nothing when it was canceled meanwhile), runs, and ends the record in exactly one terminal status
@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from rq.timeouts import JobTimeoutException
 
-from service.contract import (
+from jobstore.adapters import get_adapter, register_adapter
+from jobstore.contract import (
     CONTENT_TYPES,
     JOB_ID_RE,
     AdapterImportPayload,
@@ -30,7 +31,7 @@ from service.contract import (
     finetune_work_prefix,
     image_object,
 )
-from service.records import get_adapter, observe_stage, register_adapter
+from jobstore.metrics import observe_stage
 from worker.runtime import Runtime, runtime
 
 log = logging.getLogger("urae.worker")

@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from service.contract import BUILTIN_ADAPTERS
-from service.records import JobRecords, connect, get_adapter
-from service.settings import Settings, get_settings
-from service.storage import LocalStorage
+from jobstore.adapters import get_adapter
+from jobstore.contract import BUILTIN_ADAPTERS
+from jobstore.jobs import JobRecords
+from jobstore.queues import connect
+from jobstore.settings import Settings, get_settings
+from jobstore.storage import LocalStorage
 
 if TYPE_CHECKING:
     from urae.generate import Generator

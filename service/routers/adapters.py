@@ -14,8 +14,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Path, UploadFile
 from fastapi.responses import JSONResponse
 
-from service.admission import ApiError, check_queue_depth
-from service.contract import (
+from jobstore.adapters import get_adapter, list_adapters, unregister_adapter
+from jobstore.contract import (
     ADAPTER_IMPORT_QUEUE,
     ADAPTER_NAME_PATTERN,
     BUILTIN_ADAPTERS,
@@ -25,8 +25,9 @@ from service.contract import (
     JobStatus,
     upload_object,
 )
+from jobstore.jobs import new_job_id
+from service.admission import ApiError, check_queue_depth
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDep
-from service.records import get_adapter, list_adapters, new_job_id, unregister_adapter
 from service.routers.jobs import job_public
 from service.schemas import AdapterList, AdapterPublic, ErrorBody, JobPublic
 from service.uploads import UploadError, check_safetensors, spooled_upload

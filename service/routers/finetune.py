@@ -8,8 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from pydantic import ValidationError
 
-from service.admission import ApiError, check_adapters_exist, check_queue_depth
-from service.contract import (
+from jobstore.contract import (
     ADAPTER_NAME_PATTERN,
     BUILTIN_ADAPTERS,
     DATASET_NAME_PATTERN,
@@ -18,8 +17,9 @@ from service.contract import (
     JobKind,
     dataset_prefix,
 )
+from jobstore.jobs import new_job_id
+from service.admission import ApiError, check_adapters_exist, check_queue_depth
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDep
-from service.records import new_job_id
 from service.routers.jobs import job_public
 from service.schemas import ErrorBody, FinetuneRecipe, JobPublic
 from service.uploads import ArchiveLimits, UploadError, extract_dataset, spooled_upload

@@ -9,14 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
 
-from service.admission import (
-    ApiError,
-    check_adapters_exist,
-    check_capability,
-    check_queue_depth,
-    generate_queue_lengths,
-)
-from service.contract import (
+from jobstore.contract import (
     GENERATE_QUEUES,
     MAX_SEED,
     GeneratePayload,
@@ -24,8 +17,15 @@ from service.contract import (
     generate_queue,
     idempotency_key,
 )
+from jobstore.jobs import new_job_id
+from service.admission import (
+    ApiError,
+    check_adapters_exist,
+    check_capability,
+    check_queue_depth,
+    generate_queue_lengths,
+)
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep
-from service.records import new_job_id
 from service.routers.jobs import job_public
 from service.schemas import ErrorBody, GenerateRequest, JobPublic
 

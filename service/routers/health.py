@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from service.admission import serving_workers
-from service.contract import (
+from jobstore.contract import (
     FINETUNE_QUEUE,
     GENERATE_QUEUES,
     JOB_COUNTS_KEY,
@@ -16,8 +15,10 @@ from service.contract import (
     JobKind,
     JobStatus,
 )
+from jobstore.queues import rq_queue_key
+from jobstore.workers import live_workers
+from service.admission import serving_workers
 from service.deps import ApiKeyDep, RedisDep, SettingsDep
-from service.records import live_workers, rq_queue_key
 
 router = APIRouter(tags=["health"])
 

@@ -12,8 +12,7 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from service.admission import ApiError
-from service.contract import (
+from jobstore.contract import (
     CONTENT_TYPES,
     JOB_ID_PATTERN,
     MAX_IMAGES,
@@ -22,8 +21,9 @@ from service.contract import (
     job_events_key,
     job_key,
 )
+from jobstore.jobs import JobNotFound, JobRecords
+from service.admission import ApiError
 from service.deps import ApiKeyDep, RecordsDep, SettingsDep, StorageDep
-from service.records import JobNotFound, JobRecords
 from service.schemas import ErrorBody, JobPublic, Links, Progress
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

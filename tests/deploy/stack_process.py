@@ -46,13 +46,13 @@ def process_exists(pid: int) -> bool:
 
 
 class StackProcess:
-    """Runs ``python -m service.local_stack ARGS`` and collects its output lines."""
+    """Runs ``python -m launcher.local_stack ARGS`` and collects its output lines."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path = REPO_ROOT):
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("URAE_")}
         full_env.update({"PYTHONUNBUFFERED": "1", "URAE_SHUTDOWN_GRACE_S": "2", **(env or {})})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.local_stack", *args], cwd=cwd, env=full_env,
+            [sys.executable, "-m", "launcher.local_stack", *args], cwd=cwd, env=full_env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.lines: list[str] = []

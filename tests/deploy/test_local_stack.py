@@ -111,7 +111,7 @@ def test_a_bad_setting_is_refused_in_one_line_before_anything_starts(tmp_path: P
 
 
 def test_open_access_is_explicit_and_announced(tmp_path: Path) -> None:
-    from service.local_stack import LocalStack, StackOptions, parse_args
+    from launcher.local_stack import LocalStack, StackOptions, parse_args
 
     options = parse_args(["--open-access", "--data-dir", str(tmp_path)])
     stack = LocalStack(options, out=io.StringIO())
@@ -132,7 +132,7 @@ def test_open_access_is_explicit_and_announced(tmp_path: Path) -> None:
 
 
 def test_each_generation_worker_gets_its_own_gpu(tmp_path: Path) -> None:
-    from service.local_stack import LocalStack, LocalStackError, parse_args
+    from launcher.local_stack import LocalStack, LocalStackError, parse_args
 
     stack = LocalStack(parse_args(["--model", "black-forest-labs/FLUX.1-dev", "--workers", "2"]))
     assert stack._gpu_ids({}) == ["0", "1"]

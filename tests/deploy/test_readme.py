@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.settings import Settings
+from jobstore.settings import Settings
 from tests.conftest import REPO_ROOT
 from tests.deploy.conftest import ServedStack
 
@@ -28,7 +28,7 @@ WALKTHROUGH_HEADING = "## The API by example"
 # Every README command outside the walkthrough, and where it is exercised. "ci": .ci/run runs it (checked
 # below); "test": a test in this file runs it; the rest name the test that runs its equivalent.
 EXERCISED = {
-    "urae-serve": "tests/deploy/test_local_stack.py (python -m service.local_stack, the script's target)",
+    "urae-serve": "tests/deploy/test_local_stack.py (python -m launcher.local_stack, the script's target)",
     "cp .env.example .env": "no Docker engine here: tests/deploy/test_compose.py checks what compose reads",
     "docker compose up -d --build": "no Docker engine here: tests/deploy/test_compose.py",
     "python3 -m venv .venv && . .venv/bin/activate": "ci",
@@ -67,7 +67,7 @@ def test_every_readme_command_is_run_by_a_test_or_by_ci() -> None:
                 assert part in ci_lines, f"{part!r} is not in .ci/run"
     # The console script the quickstart names is the local stack that test_local_stack runs.
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["urae-serve"] == "service.local_stack:main"
+    assert scripts["urae-serve"] == "launcher.local_stack:main"
     assert "urae-serve --model black-forest-labs/FLUX.1-dev --workers 2" in README
 
 
@@ -81,7 +81,7 @@ def test_readme_cpu_generation_command_makes_the_image(tmp_path: Path) -> None:
 
 
 def test_readme_help_flags_are_the_real_ones() -> None:
-    result = subprocess.run([sys.executable, "-m", "service.local_stack", "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "launcher.local_stack", "--help"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0
     for flag in re.findall(r"`(--[a-z-]+)`", README.split("### A GPU host with Docker")[0]):

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from service.contract import RUNNING_JOBS_KEY, generate_queue, job_key
+from jobstore.contract import RUNNING_JOBS_KEY, generate_queue, job_key
 from tests.conftest import ApiServer, auth, wait_for_status
 from tests.reliability.conftest import LONG, SMALL, LimitedWorker, wait_progress
 
@@ -144,8 +144,9 @@ def test_the_timeout_alarm_is_not_swallowed_by_the_per_step_cancel_check(
 ) -> None:
     from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
-    from service.records import JobRecords, connect
-    from service.storage import LocalStorage
+    from jobstore.jobs import JobRecords
+    from jobstore.queues import connect
+    from jobstore.storage import LocalStorage
     from worker.jobs import _should_stop
     from worker.runtime import Runtime
 

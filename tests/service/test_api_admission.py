@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import redis
 
-from service.contract import generate_queue, worker_key
+from jobstore.contract import generate_queue, worker_key
 from tests.conftest import API_KEY, make_settings
 
 SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 2}

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from service.storage import LocalStorage, StorageKeyError
+from jobstore.storage import LocalStorage, StorageKeyError
 from service.uploads import ArchiveLimits, UploadError, check_safetensors, extract_dataset
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32

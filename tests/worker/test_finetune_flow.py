@@ -111,7 +111,7 @@ def test_bad_recipes_are_refused_before_queueing(http: Any, recipe: dict[str, An
 def test_a_crashing_training_leaves_generation_serving(http: Any, workers: Any, redis_url: str) -> None:
     import redis
 
-    from service.contract import worker_key
+    from jobstore.contract import worker_key
 
     files = {"dataset": ("crash.zip", dataset_zip(), "application/zip")}
     response = http.post("/finetune", files=files, data={"adapter_name": "crash", "dataset_name": "crash-set",

@@ -7,9 +7,9 @@ import time
 
 import redis
 
-from service.contract import job_key
-from service.retention import sweep_expired_outputs
-from service.storage import LocalStorage
+from jobstore.contract import job_key
+from jobstore.retention import sweep_expired_outputs
+from jobstore.storage import LocalStorage
 
 DAY = 24 * 3600.0
 

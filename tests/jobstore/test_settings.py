@@ -9,8 +9,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
+from jobstore.settings import Settings, hash_api_key
 from service.auth import OPEN_ACCESS_OWNER, Unauthorized, authenticate
-from service.settings import Settings, hash_api_key
 
 
 def test_no_keys_and_no_open_access_is_refused() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 import urae.presets as presets
 import urae.spec as spec
-from service import contract
+from jobstore import contract
 
 
 @pytest.mark.parametrize(
@@ -42,11 +42,11 @@ def test_adapter_weight_bounds_equal_the_library() -> None:
         spec.GenerationSpec("p", adapters=(spec.AdapterRef("a", low - 0.01),)).validate()
 
 
-def test_service_imports_no_model_code() -> None:
+def test_service_and_jobstore_import_no_model_code() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, service.app, service.contract, service.records; "
+    code = ("import sys, service.app, jobstore.contract, jobstore.jobs, jobstore.storage; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'peft', 'urae')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

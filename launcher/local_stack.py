@@ -32,7 +32,7 @@ from typing import IO, Any
 
 import redis
 
-from service.contract import worker_key
+from jobstore.contract import worker_key
 
 TINY_MODELS = ("tiny", "tiny-schnell")
 REDIS_START_TIMEOUT_S = 15.0
@@ -210,7 +210,7 @@ class LocalStack:
         # Refuse here, in one line, rather than let every child fail with the same message.
         from pydantic import ValidationError
 
-        from service.settings import Settings
+        from jobstore.settings import Settings
 
         values: dict[str, Any] = {k.removeprefix("URAE_").lower(): v for k, v in env.items() if k.startswith("URAE_")}
         try:

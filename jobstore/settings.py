@@ -106,7 +106,7 @@ class Settings(BaseSettings):
 
     @property
     def max_pixels(self) -> int:
-        from service.contract import MAX_PIXELS
+        from jobstore.contract import MAX_PIXELS
 
         return self.worker_max_pixels or MAX_PIXELS
 

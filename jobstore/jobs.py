@@ -18,27 +18,24 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-from rq import Queue
-from rq.serializers import JSONSerializer
 
-from service.contract import (
-    ADAPTERS_KEY,
+from jobstore.codec import dumps as _dumps
+from jobstore.codec import text as _text
+from jobstore.contract import (
     GENERATE_QUEUES,
     JOB_COUNTS_KEY,
     JOB_FUNCTIONS,
     RUNNING_JOBS_KEY,
-    STAGE_BUCKETS,
-    STAGE_HISTOGRAM_PREFIX,
     TERMINAL_STATUSES,
-    WORKERS_KEY,
     JobKind,
     JobStatus,
     job_cancel_key,
     job_events_key,
     job_key,
     job_lease_key,
-    worker_key,
 )
+from jobstore.metrics import observe_stage
+from jobstore.queues import rq_queue, rq_queue_key
 
 # Stops a runaway stream; the replay an SSE client gets is bounded by it.
 EVENTS_MAXLEN = 2000
@@ -69,31 +66,7 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def connect(url: str, socket_timeout_s: float = 2.0) -> redis.Redis:
-    """A Redis client with short timeouts, so an outage is an error at once and not a hang."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=socket_timeout_s,
-        health_check_interval=30,
-        decode_responses=False,
-    )
-
-
-def rq_queue(conn: redis.Redis, name: str) -> Queue:
-    """An RQ queue with the JSON serializer: nothing read from Redis can run code in a worker."""
-    return Queue(name, connection=conn, serializer=JSONSerializer)
-
-
 _QUEUED_EVENT = json.dumps({"type": "status", "status": "queued"}, separators=(",", ":"))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
 
 
 class JobRecords:
@@ -359,68 +332,3 @@ class JobRecords:
         for key, empty in (("progress", None), ("timings", {}), ("result", None), ("error", "")):
             record.setdefault(key, empty)
         return record
-
-
-def rq_queue_key(name: str) -> str:
-    return f"{Queue.redis_queue_namespace_prefix}{name}"
-
-
-# -- metrics written by workers, read by the API -----------------------------------------------------
-def observe_stage(conn: redis.Redis, stage: str, seconds: float) -> None:
-    """Add one observation to a stage-duration histogram (bucket counts, sum and count in a hash)."""
-    bucket = next((f"{b:g}" for b in STAGE_BUCKETS if seconds <= b), "+Inf")
-    pipe = conn.pipeline(transaction=False)
-    key = STAGE_HISTOGRAM_PREFIX + stage
-    pipe.hincrby(key, bucket, 1)
-    pipe.hincrby(key, "count", 1)
-    pipe.hincrbyfloat(key, "sum", seconds)
-    pipe.execute()
-
-
-def publish_worker(conn: redis.Redis, name: str, info: dict[str, Any], ttl_s: float) -> None:
-    """A worker's heartbeat: its capabilities and counters, expiring unless refreshed."""
-    pipe = conn.pipeline(transaction=False)
-    pipe.set(worker_key(name), _dumps({**info, "name": name, "seen_at": time.time()}), px=int(ttl_s * 1000))
-    pipe.sadd(WORKERS_KEY, name)
-    pipe.execute()
-
-
-def live_workers(conn: redis.Redis) -> list[dict[str, Any]]:
-    """Heartbeat records of every worker alive now; forgets the names of dead ones."""
-    names = [_text(n) for n in conn.smembers(WORKERS_KEY)]
-    if not names:
-        return []
-    values = conn.mget([worker_key(n) for n in names])
-    dead = [n for n, v in zip(names, values, strict=True) if v is None]
-    if dead:
-        conn.srem(WORKERS_KEY, *dead)
-    return [json.loads(v) for v in values if v is not None]
-
-
-def remove_worker(conn: redis.Redis, name: str) -> None:
-    pipe = conn.pipeline(transaction=False)
-    pipe.delete(worker_key(name))
-    pipe.srem(WORKERS_KEY, name)
-    pipe.execute()
-
-
-# -- adapter registry ----------------------------------------------------------------------------------
-def get_adapter(conn: redis.Redis, name: str) -> dict[str, Any] | None:
-    raw = conn.hget(ADAPTERS_KEY, name)
-    return json.loads(raw) if raw is not None else None
-
-
-def list_adapters(conn: redis.Redis) -> list[dict[str, Any]]:
-    return sorted((json.loads(v) for v in conn.hgetall(ADAPTERS_KEY).values()), key=lambda a: a["name"])
-
-
-def register_adapter(conn: redis.Redis, record: dict[str, Any]) -> None:
-    conn.hset(ADAPTERS_KEY, record["name"], _dumps(record))
-
-
-def unregister_adapter(conn: redis.Redis, name: str) -> dict[str, Any] | None:
-    raw = conn.hget(ADAPTERS_KEY, name)
-    if raw is None:
-        return None
-    conn.hdel(ADAPTERS_KEY, name)
-    return json.loads(raw)

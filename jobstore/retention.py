@@ -13,8 +13,8 @@ from pathlib import Path
 
 import redis
 
-from service.contract import job_key
-from service.storage import LocalStorage
+from jobstore.contract import job_key
+from jobstore.storage import LocalStorage
 
 
 def sweep_expired_outputs(conn: redis.Redis, storage: LocalStorage, result_ttl_s: float) -> list[str]:

@@ -68,7 +68,8 @@ def make_scheduler(base_config: Any, shift: float | None) -> FlowMatchEulerDiscr
     """The model's own scheduler when ``shift`` is None, else a static-shift one.
 
     Above the trained length the dynamic shift extrapolates mu (11.55 at 4096 px) and every sigma of
-    the schedule stays ~1.0: the image never denoises. URAE uses a static shift of 3.0 instead.
+    the schedule stays ~1.0: the image never denoises. URAE uses the model's own shift as a static
+    shift instead (3.0 for dev, 1.0 for schnell; see urae.presets).
     """
     if shift is None:
         return FlowMatchEulerDiscreteScheduler.from_config(base_config)

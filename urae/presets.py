@@ -17,7 +17,7 @@ class Preset:
     adapter: str | None  # built-in adapter name (see urae.adapters.builtin)
     ntk_factor: float
     proportional_attention: bool
-    shift: float | None  # None: the model's own (dynamic) schedule
+    shift: float | None  # None: the model's own scheduler config; a number: that static shift
     steps: int
     guidance: float
     max_sequence_length: int
@@ -25,8 +25,10 @@ class Preset:
 
 
 # URAE's inference settings (URAE.md). Above the trained length (1024 px) the dynamic shift
-# extrapolates to mu ~ 11.5 at 4096 px and the image never denoises: a static shift 3.0 is used.
-# schnell: 4 steps, no guidance, 256 T5 tokens, and its own (static, 1.0) schedule at 1K.
+# extrapolates to mu ~ 11.5 at 4096 px and the image never denoises: 2K and 4K run a static shift
+# with the MODEL'S OWN shift value, as the reference does (its scheduler keeps config.shift with
+# dynamic shifting off): 3.0 for dev, 1.0 for schnell (4 steps: sigmas 1, .75, .5, .25).
+# schnell: 4 steps, no guidance, 256 T5 tokens; at 1K both models run their stock scheduler.
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -34,8 +36,8 @@ PRESETS: dict[str, Preset] = {
         Preset("2k", 2048, "urae-2k", 10.0, True, 3.0, 28, 3.5, 512, "auto"),
         Preset("4k", 4096, "urae-4k", 10.0, True, 3.0, 28, 3.5, 512, "tiled"),
         Preset("1k-schnell", 1024, None, 1.0, False, None, 4, 0.0, 256, "full"),
-        Preset("2k-schnell", 2048, "urae-2k", 10.0, True, 3.0, 4, 0.0, 256, "auto"),
-        Preset("4k-schnell", 4096, "urae-4k-schnell", 10.0, True, 3.0, 4, 0.0, 256, "tiled"),
+        Preset("2k-schnell", 2048, "urae-2k", 10.0, True, 1.0, 4, 0.0, 256, "auto"),
+        Preset("4k-schnell", 4096, "urae-4k-schnell", 10.0, True, 1.0, 4, 0.0, 256, "tiled"),
     ]
 }
 

@@ -132,10 +132,11 @@ def build_tiny_pipeline(flavour: str = "tiny", dtype: torch.dtype = torch.float3
             use_quant_conv=False,
             use_post_quant_conv=False,
         )
-    # FLUX.1-dev's scheduler config: dynamic shifting at 1K (the stock behaviour).
+    # The real scheduler configs: FLUX.1-dev shifts dynamically (shift 3.0 when static), FLUX.1-schnell
+    # runs a static shift of 1.0 (4 steps: sigmas 1, .75, .5, .25).
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
-        shift=3.0,
+        shift=1.0 if schnell else 3.0,
         use_dynamic_shifting=not schnell,
         base_shift=0.5,
         max_shift=1.15,

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from urae.errors import InvalidSpecError
@@ -11,6 +13,9 @@ def test_table_holds_the_urae_settings():
     for name in ("2k", "4k"):
         row = PRESETS[name]
         assert (row.ntk_factor, row.proportional_attention, row.shift) == (10.0, True, 3.0)
+    for name in ("2k-schnell", "4k-schnell"):
+        # schnell's own shift, as the reference runs it (its time_shift=10 is never read).
+        assert (PRESETS[name].ntk_factor, PRESETS[name].proportional_attention, PRESETS[name].shift) == (10.0, True, 1.0)
         assert (row.steps, row.guidance, row.max_sequence_length) == (28, 3.5, 512)
     assert PRESETS["4k"].vae_decode == "tiled"
     assert PRESETS["1k"].shift is None and PRESETS["1k"].adapter is None
@@ -93,3 +98,63 @@ def test_adapter_ref_parse():
     assert AdapterRef.parse("urae-2k") == AdapterRef("urae-2k", 1.0)
     assert AdapterRef.parse("style:0.5") == AdapterRef("style", 0.5)
     assert AdapterRef.parse("/tmp/a:b.safetensors") == AdapterRef("/tmp/a:b.safetensors", 1.0)
+
+
+# The FLUX.1 scheduler configs as published (scheduler/scheduler_config.json of each hub repo).
+REAL_SCHEDULER_CONFIGS = {
+    "tiny": {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+             "base_image_seq_len": 256, "max_image_seq_len": 4096, "num_train_timesteps": 1000},
+    "tiny-schnell": {"shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
+                     "base_image_seq_len": 256, "max_image_seq_len": 4096, "num_train_timesteps": 1000},
+}
+
+
+def reference_sigmas(model: str, steps: int, image_tokens: int, static_shift: float | None) -> list[float]:
+    """The schedule written out from the formulas (URAE.md, FLUX's scheduler), not from our code.
+
+    The pipeline asks for sigmas linspace(1, 1/n, n); a static shift s maps x to s x / (1 + (s - 1) x);
+    the dynamic shift maps x to e^mu / (e^mu + 1/x - 1), mu linear in the image length from
+    (256, 0.5) to (4096, 1.15). A preset's number replaces the config's shift and turns dynamic off.
+    """
+    config = REAL_SCHEDULER_CONFIGS[model]
+    xs = [1.0 - i * (1.0 - 1.0 / steps) / (steps - 1) for i in range(steps)] if steps > 1 else [1.0]
+    if static_shift is None and config["use_dynamic_shifting"]:
+        slope = (1.15 - 0.5) / (4096 - 256)
+        mu = 0.5 + slope * (image_tokens - 256)
+        return [math.exp(mu) / (math.exp(mu) + (1 / x - 1)) for x in xs]
+    s = config["shift"] if static_shift is None else static_shift
+    return [s * x / (1 + (s - 1) * x) for x in xs]
+
+
+def test_tiny_models_carry_the_real_scheduler_configs():
+    from urae.tiny import build_tiny_pipeline
+
+    for model, expected in REAL_SCHEDULER_CONFIGS.items():
+        config = build_tiny_pipeline(model).scheduler.config
+        assert {k: config[k] for k in expected} == expected, model
+
+
+@pytest.fixture(scope="module")
+def schnell_generator():
+    from urae.generate import Generator
+
+    return Generator.load("tiny-schnell", device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_preset_runs_the_reference_schedule(name, tiny_generator, schnell_generator):
+    """The sigmas the pipeline actually walks through for every row, dev and schnell."""
+    schnell = name.endswith("-schnell")
+    generator = schnell_generator if schnell else tiny_generator
+    row = PRESETS[name]
+    # A small image keeps the test fast; the static schedules do not depend on the size.
+    spec = resolve_spec("a cat", name, schnell=schnell, preset_adapter=False, width=96, height=64)
+    assert spec.shift == row.shift
+    generator.generate(spec)
+    walked = [float(s) for s in generator.pipe.scheduler.sigmas[:-1]]
+    expected = reference_sigmas("tiny-schnell" if schnell else "tiny", row.steps, spec.image_tokens, row.shift)
+    assert walked == pytest.approx(expected, abs=1e-5)
+    if schnell:
+        assert walked == pytest.approx([1.0, 0.75, 0.5, 0.25], abs=1e-6)
+    elif name != "1k":
+        assert walked[-1] < 0.15  # the dev schedule at 2K/4K reaches low noise

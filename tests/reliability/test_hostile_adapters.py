@@ -107,5 +107,6 @@ def test_hostile_adapter_uploads_change_nothing(
 
     assert http.get("/adapters").json() == before_adapters
     assert {f for f in files_under(storage) if not f.startswith("jobs/")} == before_files
+    # Same worker process and request: any change to the resident model shows, bitwise.
     assert np.array_equal(pixels(http, SMALL), before_image)
     assert worker.proc.poll() is None

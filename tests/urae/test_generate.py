@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.pixels import max_pixel_diff
 from urae.errors import GenerationCanceled, InvalidSpecError, OutputWriteError
 from urae.generate import Progress, timestep_sigmas
 from urae.output import read_metadata, save_image
@@ -71,8 +71,9 @@ def test_each_image_has_its_own_seed(tiny_generator):
     batch = tiny_generator.generate(_spec(num_images=2, seed=10))
     single = tiny_generator.generate(_spec(seed=11))
     assert [m["seed"] for m in batch.metadata] == [10, 11]
-    assert np.array_equal(np.asarray(batch.images[1]), np.asarray(single.images[0]))
-    assert not np.array_equal(np.asarray(batch.images[0]), np.asarray(batch.images[1]))
+    # A batch of two runs other matmul shapes than a batch of one: equal to within one uint8 step.
+    assert max_pixel_diff(batch.images[1], single.images[0]) <= 1
+    assert max_pixel_diff(batch.images[0], batch.images[1]) > 1
 
 
 def test_high_res_settings_change_the_image_and_are_undone(tiny_generator):
@@ -80,6 +81,7 @@ def test_high_res_settings_change_the_image_and_are_undone(tiny_generator):
     spec = _spec(ntk_factor=10.0, proportional_attention=True, shift=3.0)
     high = np.asarray(tiny_generator.generate(spec).images[0])
     assert not np.array_equal(base, high)
+    # Same process, same weights, same inputs once the settings are undone: bitwise by construction.
     assert np.array_equal(base, np.asarray(tiny_generator.generate(_spec()).images[0]))
 
 
@@ -131,27 +133,36 @@ def test_failed_write_cleans_its_temp_file(tmp_path):
 
 
 _PIXELS_SCRIPT = """
-import hashlib, numpy as np
+import numpy as np
 from urae.generate import Generator
 from urae.presets import resolve_spec
 g = Generator.load("tiny", device="cpu", dtype="float32")
 r = g.generate(resolve_spec("a red fox in snow", "1k", width=96, height=64, steps=2, seed=123))
-print(hashlib.sha256(np.asarray(r.images[0]).tobytes()).hexdigest())
+print(np.asarray(r.images[0]).tobytes().hex())
 """
 
 
-def test_same_seed_gives_identical_pixels_in_two_processes(tiny_generator):
-    digests = [
-        subprocess.run([sys.executable, "-c", _PIXELS_SCRIPT], capture_output=True, text=True, check=True)
-        .stdout.strip()
-        .splitlines()[-1]
+def test_same_seed_gives_the_same_pixels_in_two_processes(tiny_generator):
+    # Each process loads the model anew and may pick other CPU kernels: within one uint8 step.
+    images = [
+        np.frombuffer(
+            bytes.fromhex(
+                subprocess.run([sys.executable, "-c", _PIXELS_SCRIPT], capture_output=True, text=True, check=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            ),
+            dtype=np.uint8,
+        ).reshape(64, 96, 3)
         for _ in range(2)
     ]
     here = tiny_generator.generate(
         resolve_spec("a red fox in snow", "1k", width=96, height=64, steps=2, seed=123)
     )
-    local = hashlib.sha256(np.asarray(here.images[0]).tobytes()).hexdigest()
-    assert digests[0] == digests[1] == local
+    assert max_pixel_diff(images[0], images[1]) <= 1
+    assert max_pixel_diff(images[0], here.images[0]) <= 1
+    # A different seed is a different image, so the comparison above can fail.
+    other = tiny_generator.generate(resolve_spec("a red fox in snow", "1k", width=96, height=64, steps=2, seed=124))
+    assert max_pixel_diff(images[0], other.images[0]) > 1
 
 
 @pytest.mark.slow

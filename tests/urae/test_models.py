@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
+from tests.pixels import max_pixel_diff
 from urae.errors import ModelLoadError
 from urae.generate import Generator
 from urae.models import is_schnell, load_pipeline, parse_dtype
@@ -17,7 +17,8 @@ def test_a_saved_diffusers_folder_loads_offline_and_gives_the_same_pixels(tmp_pa
     spec = resolve_spec("a harbour at night", "1k", width=64, height=64, steps=2, seed=4)
     a = Generator(built, "tiny").generate(spec).images[0]
     b = Generator(loaded, str(tmp_path / "tiny-flux")).generate(spec).images[0]
-    assert np.array_equal(np.asarray(a), np.asarray(b))
+    # Same weights, but a second load may pick other CPU kernels: equal to within one uint8 step.
+    assert max_pixel_diff(a, b) <= 1
 
 
 def test_the_caller_chooses_the_dtype_and_the_flavour_is_detected():

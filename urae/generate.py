@@ -9,6 +9,7 @@ cancellation, and decodes with a memory-bounded VAE decode.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,13 @@ from PIL import Image
 from urae.attention import apply_high_res_settings
 from urae.errors import GenerationCanceled
 from urae.models import DEFAULT_MODEL, is_schnell, load_pipeline
+from urae.previews import (
+    PreviewRenderer,
+    PreviewSink,
+    TinyAutoencoderPreview,
+    latent_rgb_map_for,
+    latents_to_preview,
+)
 from urae.spec import GenerationSpec
 from urae.vae_decode import choose_mode, decode_latents
 
@@ -34,6 +42,7 @@ ProgressCallback = Callable[["Progress"], None]
 CancelCheck = Callable[[], bool]
 AdapterResolver = Callable[[str], Path]
 
+log = logging.getLogger("urae.generate")
 _VERSIONED = ("urae-serve", "torch", "diffusers", "transformers", "peft")
 
 
@@ -100,8 +109,12 @@ class Generator:
         adapter_resolver: AdapterResolver | None = None,
         adapter_capacity: int = 8,
         hotswap_rank: int | None = None,
+        preview_autoencoder: str | Path | None = None,
     ):
         self.pipe = pipe
+        # A local tiny-autoencoder folder for previews; None: the linear latent -> RGB map.
+        self._preview_autoencoder = preview_autoencoder
+        self._preview_render: Callable[[torch.Tensor, int, int], np.ndarray] | None = None
         self.model_id = model_id
         self.schnell = is_schnell(pipe)
         self._base_scheduler_config = pipe.scheduler.config
@@ -152,11 +165,15 @@ class Generator:
         spec: GenerationSpec,
         on_progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
+        on_preview: PreviewSink | None = None,
+        preview_every: int = 0,
     ) -> GenerationResult:
         """Generate ``spec.num_images`` images; seeds are ``spec.seed + i``.
 
         Raises GenerationCanceled (before any decode) when ``should_cancel`` returns True at a step
-        boundary.
+        boundary. With ``on_preview`` and ``preview_every`` > 0, every ``preview_every``-th step's
+        latents are rendered as a small preview in a background thread and passed to ``on_preview``
+        there (see urae.previews); denoising never waits for it.
         """
         # 1. Check inputs
         spec.validate()
@@ -202,29 +219,38 @@ class Generator:
         for index in range(spec.num_images):
             done = index * spec.steps
 
+            previews = self._previews(spec, on_preview, preview_every)
+
             # Stop by raising from the step callback: setting pipe._interrupt would only skip the
             # remaining steps and still decode a half-denoised image.
             def on_step_end(
-                _pipe: FluxPipeline, i: int, _t: Any, kwargs: dict[str, Any], done: int = done
+                _pipe: FluxPipeline, i: int, _t: Any, kwargs: dict[str, Any], done: int = done, index: int = index,
+                previews: PreviewRenderer | None = previews,
             ) -> Any:
                 report("denoise", done + i + 1, total)
                 check_cancel(done + i + 1)
+                if previews is not None and (i + 1) % preview_every == 0:
+                    previews.submit(done + i + 1, total, index, kwargs["latents"])
                 return kwargs
 
             report("denoise", done, total)
             t0 = time.perf_counter()
-            packed = pipe(
-                prompt_embeds=prompt_embeds,
-                pooled_prompt_embeds=pooled_embeds,
-                height=spec.height,
-                width=spec.width,
-                num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance,
-                generator=torch.Generator(device="cpu").manual_seed(spec.seed + index),
-                output_type="latent",
-                callback_on_step_end=on_step_end,
-                max_sequence_length=spec.max_sequence_length,
-            ).images
+            try:
+                packed = pipe(
+                    prompt_embeds=prompt_embeds,
+                    pooled_prompt_embeds=pooled_embeds,
+                    height=spec.height,
+                    width=spec.width,
+                    num_inference_steps=spec.steps,
+                    guidance_scale=spec.guidance,
+                    generator=torch.Generator(device="cpu").manual_seed(spec.seed + index),
+                    output_type="latent",
+                    callback_on_step_end=on_step_end,
+                    max_sequence_length=spec.max_sequence_length,
+                ).images
+            finally:
+                if previews is not None:
+                    previews.close()
             timings["denoise"] += time.perf_counter() - t0
 
             # 6. Memory-bounded decode
@@ -238,6 +264,24 @@ class Generator:
 
         metadata = [self._metadata(spec, spec.seed + i, adapter_records) for i in range(spec.num_images)]
         return GenerationResult(images=images, metadata=metadata, timings=timings)
+
+    def _previews(self, spec: GenerationSpec, sink: PreviewSink | None, every: int) -> PreviewRenderer | None:
+        """A preview renderer for one image, or None when previews are off."""
+        if sink is None or every <= 0:
+            return None
+        if self._preview_render is None:
+            self._preview_render = self._make_preview_render()
+        return PreviewRenderer(self._preview_render, sink, spec.width, spec.height, self.pipe.vae_scale_factor)
+
+    def _make_preview_render(self) -> Callable[[torch.Tensor, int, int], np.ndarray]:
+        vae = self.pipe.vae
+        if self._preview_autoencoder is not None:
+            try:
+                return TinyAutoencoderPreview.load(self._preview_autoencoder, vae, self.device, vae.dtype)
+            except (OSError, ValueError) as exc:
+                log.warning("preview autoencoder %s not usable (%s); using the linear latent map", self._preview_autoencoder, exc)
+        rgb_map = latent_rgb_map_for(vae)
+        return lambda latents, width, height: latents_to_preview(latents, rgb_map, width, height)
 
     def _activate_adapters(self, spec: GenerationSpec) -> list[dict[str, Any]]:
         if not spec.adapters:

@@ -117,10 +117,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bar = tqdm(total=spec.steps * spec.num_images, desc=f"{spec.width}x{spec.height}", unit="step")
 
     def on_progress(event: Progress) -> None:
+        # The label names the stage running now; only denoising steps move the bar.
+        if bar.postfix != event.stage:
+            bar.set_postfix_str(event.stage)
         if event.stage == "denoise":
             bar.update(event.step - bar.n)
-        else:
-            bar.set_postfix_str(event.stage)
 
     try:
         result = generator.generate(spec, on_progress=on_progress)

@@ -30,6 +30,11 @@ def test_generate_writes_images_with_metadata(tmp_path):
         meta = read_metadata(path)
         assert meta["seed"] == seed and meta["prompt"] == "a red fox" and meta["model"] == "tiny"
     assert "fox-0.webp" in proc.stdout
+    # The progress bar's label names the running stage: steps that moved the bar are denoising steps.
+    bars = [line for line in proc.stderr.replace("\r", "\n").splitlines() if "step/s" in line]
+    moved = [line for line in bars if " 0/4" not in line and "4/4" not in line]
+    assert moved and all("denoise" in line or "decode" in line for line in moved), proc.stderr
+    assert not any("text_encode" in line for line in bars if " 0/4" not in line), proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -23,6 +24,56 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return DTYPES[dtype]
     except KeyError:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}") from None
+
+
+# Safetensors dtype names of floating-point weights, narrowest first: a file that mixes them (float32
+# norms in a bfloat16 model, say) is loaded in the widest, so that nothing is rounded.
+_STORED_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# FLUX.1 dev and schnell are published in bfloat16; used for a hub id that is not in the local cache.
+HUB_WEIGHTS_DTYPE = torch.bfloat16
+
+
+def stored_dtype(model_id: str) -> torch.dtype:
+    """The dtype the transformer's weights are stored in, read from the safetensors headers only.
+
+    ``tiny`` models are float32; a local diffusers folder or single ``.safetensors`` file is read; a hub
+    id is read from the local hub cache when it is there, else FLUX.1's published bfloat16 is assumed.
+    """
+    if model_id in TINY_MODEL_IDS:
+        return torch.float32
+    path = Path(model_id)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted((path / "transformer").glob("*.safetensors")) or sorted(path.glob("*.safetensors"))
+    else:
+        files = _cached_hub_weights(model_id)
+        if not files:
+            return HUB_WEIGHTS_DTYPE
+    found = {name for file in files for name in _header_dtypes(file)} & set(_STORED_FLOAT_DTYPES)
+    if not found:
+        raise ModelLoadError(f"cannot load model {model_id!r}: no floating-point safetensors weights found")
+    return max((_STORED_FLOAT_DTYPES[name] for name in found), key=lambda d: torch.finfo(d).bits)
+
+
+def _header_dtypes(file: Path) -> set[str]:
+    try:
+        with file.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the weights header of {file}: {exc}") from None
+    return {entry["dtype"] for key, entry in header.items() if key != "__metadata__" and isinstance(entry, dict)}
+
+
+def _cached_hub_weights(model_id: str) -> list[Path]:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model_id, local_files_only=True, allow_patterns=["transformer/*"]))
+    except (OSError, ValueError):  # not cached, or not a repo id: the caller assumes the published dtype
+        return []
+    return sorted((folder / "transformer").glob("*.safetensors"))
 
 
 def is_schnell(pipe: FluxPipeline) -> bool:

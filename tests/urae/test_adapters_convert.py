@@ -265,3 +265,71 @@ def test_fit_against_the_real_flux_architecture_without_weights(
     )
     assert inspect_adapter(guidance, flux_dev).fits_base is True
     assert inspect_adapter(guidance, shape_transformer("black-forest-labs/FLUX.1-schnell")).fits_base is False
+
+
+def test_convert_with_a_float32_model_folder_is_exact(
+    tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user's float32 base converts exactly: the SVD sees the stored weights, not a bfloat16 copy.
+
+    The reference is written out here from URAE's formulas (numpy SVD in float64): fuse the 2K LoRA,
+    drop the r smallest singular components, add the trained B A.
+    """
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from urae.cli import main
+    from urae.models import stored_dtype
+
+    folder = tmp_path / "my-flux"
+    pipe = build_tiny_pipeline("tiny")
+    # Weights with more precision than bfloat16 holds, as a fine-tuned float32 model has.
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 1e-3)
+    pipe.save_pretrained(folder)
+    assert stored_dtype(str(folder)) == torch.float32
+    out = tmp_path / "converted.safetensors"
+    assert main(["convert", str(files["4k"]), "--base-lora", str(files["2k"]), "--model", str(folder),
+                 "-o", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+
+    weights = {k: v.astype(np.float64) for k, v in load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors").items()}
+    lora_2k = {k: v.astype(np.float64) for k, v in load_file(files["2k"]).items()}
+    minor = {k: v.astype(np.float64) for k, v in load_file(files["4k"]).items()}
+    converted = {k: v.astype(np.float64) for k, v in load_file(out).items()}
+
+    def expected(module: str, base: np.ndarray) -> np.ndarray:
+        w = base + lora_2k[f"transformer.{module}.lora_B.weight"] @ lora_2k[f"transformer.{module}.lora_A.weight"]
+        block, _, name = module.rpartition(".attn.")
+        short = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out"}[name]
+        a = minor[f"{block}.attn.processor.to_{short}_a.weight"]
+        b = minor[f"{block}.attn.processor.to_{short}_b.weight"]
+        r = a.shape[0]
+        u, s, vh = np.linalg.svd(w, full_matrices=False)
+        return w - (u[:, -r:] * s[-r:]) @ vh[-r:] + b @ a
+
+    worst = worst_bf16 = 0.0
+    for module in minor_component_targets(pipe.transformer):
+        base = weights[f"{module}.weight"]
+        served = base + converted[f"transformer.{module}.lora_B.weight"] @ converted[f"transformer.{module}.lora_A.weight"]
+        worst = max(worst, float(np.abs(served - expected(module, base)).max()))
+        # What the conversion gave when it loaded every model in bfloat16: the split of another weight.
+        rounded = torch.from_numpy(base).to(torch.bfloat16).double().numpy()
+        old_delta = expected(module, rounded) - rounded
+        worst_bf16 = max(worst_bf16, float(np.abs(base + old_delta - expected(module, base)).max()))
+    assert worst <= 1e-4
+    assert worst_bf16 > 1e-4, "the float32 weights must matter for this test to mean anything"
+
+
+def test_stored_dtype_reads_the_weights_headers(tmp_path: Path) -> None:
+    from urae.models import HUB_WEIGHTS_DTYPE, stored_dtype
+
+    pipe = build_tiny_pipeline("tiny")
+    pipe.transformer.to(torch.bfloat16)
+    pipe.transformer.save_pretrained(tmp_path / "bf16" / "transformer")
+    assert stored_dtype(str(tmp_path / "bf16")) == torch.bfloat16
+    single = tmp_path / "bf16" / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert stored_dtype(str(single)) == torch.bfloat16
+    assert stored_dtype("tiny") == torch.float32
+    assert stored_dtype("no-such-org/no-such-model") == HUB_WEIGHTS_DTYPE

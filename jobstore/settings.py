@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     max_dataset_uncompressed_bytes: int = Field(default=4 * 1024**3, ge=1024)
     max_dataset_files: int = Field(default=20000, ge=1)
     sse_keepalive_s: float = Field(default=15.0, gt=0)
+    # Request bodies of the JSON routes (the uploads have their own maxima above): refused past this
+    # while the bytes arrive, before any parsing.
+    max_json_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Request line and headers together, and their number: refused (431) before the app sees them.
+    max_header_bytes: int = Field(default=64 * 1024, ge=4096)
+    max_header_count: int = Field(default=100, ge=16)
+    # SIGTERM: the API tells open event streams to reconnect and exits within this many seconds.
+    api_shutdown_grace_s: float = Field(default=5.0, ge=0)
 
     @model_validator(mode="after")
     def _refuse_insecure_defaults(self) -> Settings:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +24,7 @@ from jobstore.retention import sweep_expired_outputs
 from jobstore.settings import Settings, get_settings
 from jobstore.storage import LocalStorage, StorageKeyError
 from service.admission import ApiError, WorkerDirectory
+from service.limits import BodyLimitMiddleware, BodyLimits, bounded_httptools_protocol
 from service.routers import adapters, finetune, generate, health, jobs, playground
 
 log = logging.getLogger("urae.service")
@@ -52,6 +56,28 @@ def _reaper(records: JobRecords, storage: LocalStorage, settings: Settings, stop
             pass  # Redis down: /ready and the 503 answers report it; try again next round
 
 
+def _notice_shutdown() -> asyncio.Event:
+    """An event set when the process is told to stop (SIGTERM/SIGINT), before the server waits for open
+    connections: event streams watch it and tell their clients to reconnect, so they end at once."""
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def chained(signum: int, frame: Any, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(event.set)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+        try:
+            signal.signal(sig, chained)
+        except ValueError:
+            break  # not the main thread (an in-process test client): nothing to chain onto
+    return event
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API. ``settings`` default to the environment (URAE_*)."""
     settings = settings or get_settings()
@@ -71,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.records = JobRecords(app.state.redis, settings.result_ttl_s)
         app.state.storage = LocalStorage(settings.storage_dir)
         app.state.workers = WorkerDirectory(settings.worker_info_cache_s)
+        app.state.shutting_down = _notice_shutdown()
         stop = threading.Event()
         reaper = threading.Thread(
             target=_reaper, args=(app.state.records, app.state.storage, settings, stop), name="reaper", daemon=True
@@ -87,6 +114,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="urae-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     for router in (generate.router, jobs.router, adapters.router, finetune.router, health.router, playground.router):
         app.include_router(router)
+    # Bodies are bounded per route while they arrive, whoever sends them, and an answer given before
+    # the body was read closes the connection instead of draining the body.
+    app.add_middleware(BodyLimitMiddleware, limits=BodyLimits.from_settings(settings))
     _install_error_handlers(app)
     return app
 
@@ -143,5 +173,11 @@ def main() -> None:
         raise SystemExit(2) from None
     host = os.environ.get("URAE_API_HOST", "127.0.0.1")
     port = int(os.environ.get("URAE_API_PORT", "8000"))
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level="info",
+        # uvicorn bounds neither the size of the request headers nor, without this, the shutdown.
+        http=bounded_httptools_protocol(settings.max_header_bytes),
+        timeout_graceful_shutdown=max(1, math.ceil(settings.api_shutdown_grace_s)),
+    )
+
 

@@ -1,6 +1,7 @@
 """The adapter registry: list, inspect, upload (validated and converted by a worker), delete.
 
-POST /adapters waits (bounded by URAE_ADAPTER_IMPORT_WAIT_S) for the conversion job: 201 with the
+POST /adapters waits (bounded by URAE_ADAPTER_IMPORT_WAIT_S, on the event loop: no server thread is
+held) for the conversion job: 201 with the
 adapter when it finished in time, 422 when the file was refused, else 202 with the job to follow.
 DELETE removes the name at once; queued jobs that use it fail when they start, with a message naming
 the deleted adapter; a job already running keeps the weights it loaded.
@@ -8,11 +9,15 @@ the deleted adapter; a job already running keeps the weights it loaded.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Path, UploadFile
+import redis
+import redis.asyncio as aioredis
+from fastapi import APIRouter, File, Form, Path, Request, UploadFile
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from jobstore.adapters import get_adapter, list_adapters, unregister_adapter
 from jobstore.contract import (
@@ -23,9 +28,12 @@ from jobstore.contract import (
     AdapterImportPayload,
     JobKind,
     JobStatus,
+    job_key,
     upload_object,
 )
-from jobstore.jobs import new_job_id
+from jobstore.jobs import JobRecords, new_job_id
+from jobstore.settings import Settings
+from jobstore.storage import LocalStorage
 from service.admission import ApiError, check_queue_depth
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDep
 from service.routers.jobs import job_public
@@ -33,6 +41,9 @@ from service.schemas import AdapterList, AdapterPublic, ErrorBody, JobPublic
 from service.uploads import UploadError, check_safetensors, spooled_upload
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+# How often a waiting upload looks at its import job.
+_IMPORT_POLL_S = 0.05
 
 AdapterName = Annotated[str, Path(pattern=ADAPTER_NAME_PATTERN, description="lower-case letters, digits, - and _")]
 ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
@@ -76,9 +87,10 @@ def adapter_delete(name: AdapterName, _: ApiKeyDep, conn: RedisDep, storage: Sto
     responses={**ERRORS, 202: {"model": JobPublic, "description": "still converting: follow the job"},
                409: {"model": ErrorBody}, 413: {"model": ErrorBody}, 429: {"model": ErrorBody}},
 )
-def adapter_upload(
+async def adapter_upload(
     file: Annotated[UploadFile, File(description="a .safetensors LoRA or URAE minor-component adapter")],
     name: Annotated[str, Form(pattern=ADAPTER_NAME_PATTERN)],
+    request: Request,
     _: ApiKeyDep,
     settings: SettingsDep,
     conn: RedisDep,
@@ -89,6 +101,26 @@ def adapter_upload(
 ) -> JSONResponse:
     """Upload an adapter. The header is checked here; a worker checks that it fits the base model and
     converts a minor-component file into the served form (a plain LoRA)."""
+    job_id = await run_in_threadpool(_accept_upload, file, name, settings, conn, records, storage, description, replace)
+    # Waiting for the worker holds no server thread: the event loop polls the job's status.
+    await _wait_until_ended(request.app.state.aredis, job_id, settings.adapter_import_wait_s)
+    return await run_in_threadpool(_import_answer, job_id, name, conn, records)
+
+
+async def _wait_until_ended(aredis: aioredis.Redis, job_id: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = await aredis.hget(job_key(job_id), "status")
+        if status is None or status.decode() in TERMINAL_STATUSES:
+            return
+        await asyncio.sleep(_IMPORT_POLL_S)
+
+
+def _accept_upload(
+    file: UploadFile, name: str, settings: Settings, conn: redis.Redis, records: JobRecords, storage: LocalStorage,
+    description: str, replace: bool,
+) -> str:
+    """Check, store and enqueue the upload (blocking I/O: run in the thread pool); the import job's id."""
     if name in BUILTIN_ADAPTERS:
         raise ApiError(409, f"{name!r} is the name of a built-in adapter", field="name")
     if not replace and get_adapter(conn, name) is not None:
@@ -105,15 +137,15 @@ def adapter_upload(
         raise ApiError(code, str(exc), field="file") from None
 
     payload = AdapterImportPayload(job_id=job_id, name=name, upload=key, description=description)
-    record = records.create_and_enqueue(
+    records.create_and_enqueue(
         job_id, JobKind.ADAPTER_IMPORT, ADAPTER_IMPORT_QUEUE, payload.model_dump(), priority="high",
         timeout_s=settings.job_timeout_s,
     )
-    deadline = time.monotonic() + settings.adapter_import_wait_s
-    while time.monotonic() < deadline:
-        if records.status(job_id) in TERMINAL_STATUSES:
-            break
-        time.sleep(0.05)
+    return job_id
+
+
+def _import_answer(job_id: str, name: str, conn: redis.Redis, records: JobRecords) -> JSONResponse:
+    """201 with the adapter once imported, 422 when refused, else 202 with the job to follow."""
     record = records.get(job_id)
     if record["status"] == JobStatus.FINISHED:
         adapter = get_adapter(conn, name)

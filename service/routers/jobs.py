@@ -106,44 +106,80 @@ def get_image(
 
 @router.get(
     "/{job_id}/events",
-    responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+    responses={**NOT_FOUND, 400: {"model": ErrorBody},
+               200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
 )
 async def job_events(job_id: JobId, request: Request, _: ApiKeyDep, settings: SettingsDep) -> StreamingResponse:
     """Server-Sent Events: every status and progress change from the job's start, until it ends.
 
     Events are named ``status`` (data: {"status": ...}) and ``progress`` (data: {"stage", "step",
-    "total", ...}); the stream closes after the terminal status event.
+    "total", ...}); the stream closes after the terminal status event. When the API shuts down, an open
+    stream ends with ``event: reconnect``: reconnect (with Last-Event-ID) to continue where it stopped.
     """
     aredis: aioredis.Redis = request.app.state.aredis
     if not await aredis.exists(job_key(job_id)):
         raise ApiError(404, f"job {job_id} not found")
     # A reconnecting EventSource sends the id of the last event it saw: continue after it.
-    resume_from = request.headers.get("last-event-id", "0")
-    if not _STREAM_ID_RE.match(resume_from):
-        resume_from = "0"
+    resume_from = request.headers.get("last-event-id", "").strip() or "0"
+    if resume_from != "0" and not _valid_stream_id(resume_from):
+        raise ApiError(400, "Last-Event-ID must be the id of an event of this stream, like 1700000000000-0",
+                       field="Last-Event-ID")
+    shutdown: asyncio.Event = getattr(request.app.state, "shutting_down", None) or asyncio.Event()
     return StreamingResponse(
-        _event_stream(aredis, job_id, request, settings.sse_keepalive_s, resume_from),
+        _event_stream(aredis, job_id, request, settings.sse_keepalive_s, resume_from, shutdown),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
+def _valid_stream_id(value: str) -> bool:
+    """A Redis stream id: two unsigned 64-bit integers (Redis answers an error for anything else)."""
+    if not _STREAM_ID_RE.match(value):
+        return False
+    return all(int(part) < 2**64 for part in value.split("-"))
+
+
+# How long one read of the event stream blocks: the bound on noticing a shutdown.
+_READ_BLOCK_S = 0.5
+RECONNECT_EVENT = (
+    "event: reconnect\nretry: 1000\n"
+    'data: {"detail": "the server is shutting down; reconnect with Last-Event-ID to continue"}\n\n'
+)
+
+
+async def _job_ended(aredis: aioredis.Redis, job_id: str) -> bool:
+    status = await aredis.hget(job_key(job_id), "status")
+    return status is None or status.decode() in TERMINAL_STATUSES
+
+
 async def _event_stream(
-    aredis: aioredis.Redis, job_id: str, request: Request, keepalive_s: float, last_id: str
+    aredis: aioredis.Redis, job_id: str, request: Request, keepalive_s: float, last_id: str,
+    shutdown: asyncio.Event,
 ) -> AsyncIterator[str]:
     key = job_events_key(job_id)
+    # A finished job's events are all written: read what is left without waiting, then stop.
+    ended = await _job_ended(aredis, job_id)
+    next_keepalive = asyncio.get_running_loop().time() + keepalive_s
     while True:
+        if shutdown.is_set():
+            yield RECONNECT_EVENT
+            return
         try:
-            batch: Any = await aredis.xread({key: last_id}, count=200, block=int(keepalive_s * 1000))
+            block = None if ended else int(min(_READ_BLOCK_S, keepalive_s) * 1000)
+            batch: Any = await aredis.xread({key: last_id}, count=200, block=block)
         except (aioredis.ConnectionError, aioredis.TimeoutError):
             yield "event: error\ndata: {\"detail\": \"event store unavailable\"}\n\n"
             return
         if not batch:
+            if ended:
+                return
             if await request.is_disconnected():
                 return
-            yield ": keep-alive\n\n"
-            if not await aredis.exists(key):
-                return
+            ended = await _job_ended(aredis, job_id)
+            now = asyncio.get_running_loop().time()
+            if now >= next_keepalive:
+                next_keepalive = now + keepalive_s
+                yield ": keep-alive\n\n"
             continue
         for entry_id, fields in batch[0][1]:
             last_id = entry_id

@@ -183,15 +183,23 @@ class FinetuneRecipe(BaseModel):
     alpha: float | None = Field(default=None, gt=0)
     targets: list[str] | str | None = None
     resolution: int | None = Field(default=None, ge=64, le=MAX_SIDE, multiple_of=64)
+    resize_mode: Literal["stretch", "crop"] | None = None
     max_sequence_length: int | None = Field(default=None, ge=1, le=512)
     steps: int | None = Field(default=None, ge=1, le=100_000)
     learning_rate: float | None = Field(default=None, gt=0.0, le=10.0)
     optimizer: Literal["adamw", "prodigy"] | None = None
     weight_decay: float | None = Field(default=None, ge=0.0, le=1.0)
+    adam_beta1: float | None = Field(default=None, ge=0.0, lt=1.0)
+    adam_beta2: float | None = Field(default=None, ge=0.0, lt=1.0)
+    adam_epsilon: float | None = Field(default=None, gt=0.0, le=1.0)
+    prodigy_use_bias_correction: bool | None = None
+    prodigy_safeguard_warmup: bool | None = None
+    prodigy_decouple: bool | None = None
     schedule: Literal["constant", "cosine"] | None = None
     warmup: int | None = Field(default=None, ge=0)
     grad_clip: float | None = Field(default=None, ge=0.0)
     batch_size: int | None = Field(default=None, ge=1, le=64)
+    global_batch_size: int | None = Field(default=None, ge=1, le=1024)
     guidance: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE)
     timestep_sampling: Literal["uniform", "logit_normal"] | None = None
     logit_mean: float | None = Field(default=None, ge=-10.0, le=10.0)

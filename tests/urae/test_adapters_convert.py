@@ -117,6 +117,7 @@ def test_converted_lora_reproduces_the_minor_component_model(
     info = inspect_adapter(out, transformer)
     assert info.format is AdapterFormat.LORA and info.fits_base
     assert info.rank == (16 * 3 if with_2k else 8 * 2)
+    assert info.trained_rank == (16 if with_2k else 8)
     assert info.metadata["urae_source_format"] == "minor_components"
 
     # Reference: the minor-component model itself (2K fused, SVD split, minor part replaced).
@@ -220,8 +221,8 @@ def test_cli_convert_inspect_and_errors(
 
     code, stdout, stderr = finish(converting)
     assert code == 0, stderr
-    assert "rank 48" in stdout
-    assert inspect_adapter(out).rank == 48
+    assert "rank 16 (exported as a plain LoRA of rank 48)" in stdout
+    assert (inspect_adapter(out).rank, inspect_adapter(out).trained_rank) == (48, 16)
 
     code, _, stderr = finish(inspecting_broken)
     assert code == 2
@@ -232,7 +233,8 @@ def test_cli_convert_inspect_and_errors(
     # The same entry point in-process, to read the report.
     assert main(["inspect", str(out), "--model", "tiny"]) == 0
     report = capsys.readouterr().out
-    assert "format:     lora" in report and "rank:       48" in report
+    # The rank the 4K adapter was trained at, and the rank it is served at.
+    assert "format:     lora" in report and "rank:       16 (exported as a plain LoRA of rank 48)" in report
     assert "base model: fits tiny" in report
     assert "2 x transformer_blocks.*.attn.to_out.0" in report
     assert main(["inspect", str(out), "--model", "black-forest-labs/FLUX.1-dev"]) == 1

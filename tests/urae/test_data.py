@@ -128,6 +128,32 @@ def test_cache_skips_finished_items_and_redoes_changed_ones(tmp_path: Path, pipe
     third = cache_dataset(pipe, scan_dataset(data), cache, model_id="tiny", resolution=128, max_sequence_length=64, progress=False)
     assert (third.cached, third.skipped) == (2, 1)
     assert "generated_prompt_embeds" not in load_file(str(cache / "im2.safetensors"))
+    # Another resize mode is another cache: each item is encoded again.
+    cropped = cache_dataset(pipe, scan_dataset(data), cache, model_id="tiny", resolution=128, max_sequence_length=64,
+                            resize_mode="crop", progress=False)
+    assert (cropped.cached, cropped.skipped) == (3, 0)
+
+
+def test_images_are_stretched_to_their_bucket_by_default_and_cropped_on_request() -> None:
+    # A 3:2 image goes to the 4:3 bucket. Its outermost columns are marked: a stretch (the reference's
+    # resize to the bucket size) keeps the whole image, a crop loses the sides.
+    image = Image.new("RGB", (300, 200), (128, 128, 128))
+    image.paste((255, 0, 0), (0, 0, 20, 200))
+    image.paste((0, 0, 255), (280, 0, 300, 200))
+    size = nearest_bucket(300, 200, 256)
+    assert size == (256, 192)
+    stretched = np.asarray(fit_to_bucket(image, size))
+    assert stretched.shape == (192, 256, 3)
+    # Independent expectation: every pixel column x of the bucket samples column x * 300 / 256 of the image.
+    assert tuple(stretched[96, 2]) == (255, 0, 0) and tuple(stretched[96, 253]) == (0, 0, 255)
+    assert tuple(stretched[96, 128]) == (128, 128, 128)
+    cropped = np.asarray(fit_to_bucket(image, size, "crop"))
+    assert cropped.shape == (192, 256, 3)
+    # Covering 256x192 scales by 0.96 to 288x192: 16 columns are cut on each side, the red band (19
+    # scaled columns) keeps only ~3.
+    assert tuple(cropped[96, 8]) == (128, 128, 128) and tuple(cropped[96, 247]) == (128, 128, 128)
+    with pytest.raises(InvalidSpecError, match="resize_mode"):
+        fit_to_bucket(image, size, "squash")
 
 
 def test_tiled_encode_approaches_the_full_encode(pipe) -> None:  # type: ignore[no-untyped-def]

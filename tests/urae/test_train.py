@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from urae.errors import DatasetError, InvalidSpecError, TrainingCanceled
 from urae.tiny import build_tiny_pipeline
@@ -156,14 +157,25 @@ def test_minor_component_export_on_a_fused_base_is_exact(dataset: Path, cache_di
     assert metadata["base_model"] == "tiny" and metadata["steps"] == "5" and metadata["adapter_kind"] == "minor_components"
     assert len(metadata["data_hash"]) == 16
     assert rank == 4 + 4 + 16  # B A, -B0 A0 and the fused 2K LoRA (rank 16)
+    # The rank asked for is the rank reported; the served rank is shown beside it.
+    from urae.adapters.cli import format_info
+    from urae.adapters.formats import inspect_adapter
+
+    info = inspect_adapter(result.adapter_path)
+    assert (info.trained_rank, info.rank) == (4, 24)
+    assert "rank:       4 (exported as a plain LoRA of rank 24)" in format_info(info, None)
 
     # The trained model, rebuilt exactly as training built it, from its final checkpoint.
     from urae.adapters.builtin import resolve_adapter
     from urae.adapters.formats import load_adapter_layers
 
     trained = build_tiny_pipeline("tiny").transformer
-    fuse_lora(trained, load_adapter_layers(resolve_adapter("urae-2k", "tiny"))[1])
-    layers = install_adapters(trained, "minor_components", resolve_targets(trained, "urae"), rank=4)
+    lora_2k = load_adapter_layers(resolve_adapter("urae-2k", "tiny"))[1]
+    targets = resolve_targets(trained, "urae")
+    fuse_lora(trained, {k: v for k, v in lora_2k.items() if k not in targets})
+    layers = install_adapters(
+        trained, "minor_components", targets, rank=4, fused={k: v for k, v in lora_2k.items() if k in targets}
+    )
     step, folder = list_checkpoints(config.output_dir)[-1]
     assert step == 5
     load_trainable_state(layers, load_checkpoint(folder)[0])
@@ -316,3 +328,120 @@ def test_train_cli_takes_a_recipe_with_overrides(dataset: Path, cache_dir: Path,
         assert f.get_tensor("transformer.single_transformer_blocks.1.attn.to_v.lora_A.weight").shape[0] == 2
     assert main(argv[:9] + ["--set", "rnak=2"]) == 2
     assert "rnak: is not a training parameter" in capsys.readouterr().err
+
+
+# The reference's training settings (URAE.md), written out here rather than read from the project.
+REFERENCE_PRODIGY = {"lr": 1.0, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4, "decouple": True,
+                     "use_bias_correction": True, "safeguard_warmup": True}
+REFERENCE_GLOBAL_BATCH = 8
+
+
+class StepObserver:
+    """Watches a real training run: samples through the transformer, and each optimizer step."""
+
+    def __init__(self) -> None:
+        self.samples_since_step = 0
+        self.samples_per_step: list[int] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+
+    def __enter__(self) -> StepObserver:
+        from diffusers import FluxTransformer2DModel
+
+        def on_forward(module: torch.nn.Module, _args: object, output: object) -> None:
+            if isinstance(module, FluxTransformer2DModel) and module.training:
+                sample = output[0] if isinstance(output, tuple) else output.sample  # type: ignore[attr-defined]
+                self.samples_since_step += sample.shape[0]
+
+        def on_step(optimizer: torch.optim.Optimizer, _args: object, _kwargs: object) -> None:
+            self.optimizers.append(optimizer)
+            self.samples_per_step.append(self.samples_since_step)
+            self.samples_since_step = 0
+
+        self._handles = [
+            torch.nn.modules.module.register_module_forward_hook(on_forward),
+            register_optimizer_step_pre_hook(on_step),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def recipe_config(name: str, dataset: Path, output: Path, cache_dir: Path, **overrides: object) -> TrainConfig:
+    """A shipped recipe at tiny scale: only the size, precision and device settings are changed."""
+    small = {"model_id": "tiny", "dataset_dir": str(dataset), "output_dir": str(output), "cache_dir": str(cache_dir),
+             "rank": 2, "resolution": 128, "max_sequence_length": 64, "steps": 2, "mixed_precision": "no",
+             "gradient_checkpointing": False, "device": "cpu", "sample_every": 0, "checkpoint_every": 0,
+             "progress_bar": False}
+    return TrainConfig.from_dict({**load_recipe(name), **small, **overrides})
+
+
+@pytest.mark.parametrize("recipe", ["urae-2k", "urae-4k"])
+def test_recipes_run_prodigy_and_the_global_batch_of_the_reference(
+    recipe: str, dataset: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("prodigyopt")
+    overrides = {"ntk_factor": 1.0, "proportional_attention": False} if recipe == "urae-4k" else {}
+    with StepObserver() as seen:
+        train(recipe_config(recipe, dataset, tmp_path / "out", cache_dir, **overrides))
+    # One process here: 8 passes of one image make each of the two steps.
+    assert seen.samples_per_step == [REFERENCE_GLOBAL_BATCH, REFERENCE_GLOBAL_BATCH]
+    optimizer = seen.optimizers[0]
+    assert type(optimizer).__name__ == "Prodigy"
+    for group in optimizer.param_groups:
+        for key, value in REFERENCE_PRODIGY.items():
+            assert group[key] == value, key
+
+
+def test_accumulation_keeps_the_global_batch_at_any_batch_size(tmp_path: Path) -> None:
+    squares = make_dataset(tmp_path / "squares", [(128, 128)] * 4)  # one bucket: every pass is full
+    with StepObserver() as seen:
+        train(recipe_config("urae-2k", squares, tmp_path / "out", tmp_path / "cache", batch_size=2, optimizer="adamw",
+                            learning_rate=1e-3))
+    assert seen.samples_per_step == [REFERENCE_GLOBAL_BATCH, REFERENCE_GLOBAL_BATCH]
+    optimizer = seen.optimizers[0]
+    assert type(optimizer).__name__ == "AdamW"
+    assert (optimizer.param_groups[0]["betas"], optimizer.param_groups[0]["eps"]) == ((0.9, 0.999), 1e-8)
+    with StepObserver() as seen:
+        train(tiny_config(squares, tmp_path / "plain", tmp_path / "cache", steps=2, batch_size=2))
+    assert seen.samples_per_step == [2, 2]  # no global batch set: one pass per step
+
+
+def test_accumulation_steps_per_process_count() -> None:
+    config = TrainConfig.from_dict({**load_recipe("urae-2k"), "dataset_dir": "d", "output_dir": "o"})
+    for processes in (1, 2, 4, 8):
+        assert config.accumulation_steps(processes) * processes * config.batch_size == REFERENCE_GLOBAL_BATCH
+    with pytest.raises(InvalidSpecError, match="global_batch_size"):
+        config.accumulation_steps(3)
+    with pytest.raises(InvalidSpecError, match="global_batch_size"):
+        TrainConfig.from_dict({"dataset_dir": "d", "output_dir": "o", "batch_size": 3, "global_batch_size": 8})
+
+
+def test_minor_components_of_a_fused_base_are_split_before_any_rounding() -> None:
+    """In a bfloat16 model, the split sees W + B2k A2k unrounded; only the major part is rounded."""
+    from urae.adapters.builtin import resolve_adapter
+    from urae.adapters.formats import load_adapter_layers
+
+    rank = 4
+    transformer = build_tiny_pipeline("tiny", dtype=torch.bfloat16).transformer
+    targets = resolve_targets(transformer, "urae")
+    lora_2k = load_adapter_layers(resolve_adapter("urae-2k", "tiny"))[1]
+    originals = {p: transformer.get_submodule(p).weight.detach().double().numpy() for p in targets}
+    layers = install_adapters(transformer, "minor_components", targets, rank, fused={p: lora_2k[p] for p in targets})
+
+    worst = worst_rounded = 0.0
+    for path, layer in layers.items():
+        up, down = (t.double().numpy() for t in lora_2k[path])
+        exact = originals[path] + up @ down
+        u, s, vh = np.linalg.svd(exact, full_matrices=False)
+        minor = (u[:, -rank:] * s[-rank:]) @ vh[-rank:]
+        init = (layer.initial_B.double() @ layer.initial_A.double()).numpy()
+        worst = max(worst, float(np.abs(init - minor).max()))
+        assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+        # What splitting the bfloat16-rounded sum gives instead.
+        rounded = torch.from_numpy(exact).to(torch.bfloat16).double().numpy()
+        u, s, vh = np.linalg.svd(rounded, full_matrices=False)
+        worst_rounded = max(worst_rounded, float(np.abs((u[:, -rank:] * s[-rank:]) @ vh[-rank:] - minor).max()))
+    assert worst < 1e-5
+    assert worst_rounded > 1e-4, "rounding must matter at this size for the test to mean anything"

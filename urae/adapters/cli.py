@@ -126,7 +126,8 @@ def run_convert(args: argparse.Namespace) -> int:
     )
     info = inspect_adapter(path, transformer)
     print(
-        f"wrote {path}: plain LoRA, rank {info.rank}, {len(info.targets)} modules, {info.num_parameters:,} parameters"
+        f"wrote {path}: plain LoRA, rank {_rank_text(info)}, {len(info.targets)} modules, "
+        f"{info.num_parameters:,} parameters"
     )
     return 0
 
@@ -149,11 +150,18 @@ def _wildcard_block(module: str) -> str:
     return ".".join("*" if p.isdigit() and i == 1 else p for i, p in enumerate(parts))
 
 
+def _rank_text(info: AdapterInfo) -> str:
+    """The trained rank, and the served (plain LoRA) rank when the export made it larger."""
+    if info.trained_rank == info.rank:
+        return str(info.rank)
+    return f"{info.trained_rank} (exported as a plain LoRA of rank {info.rank})"
+
+
 def format_info(info: AdapterInfo, model_id: str | None) -> str:
     lines = [
         f"file:       {info.path}",
         f"format:     {info.format.value}",
-        f"rank:       {info.rank}",
+        f"rank:       {_rank_text(info)}",
         f"targets:    {len(info.targets)} modules: {summarise_targets(info.targets)}",
         f"parameters: {info.num_parameters:,}",
         f"sha256:     {info.sha256}",

@@ -83,6 +83,8 @@ def convert_minor_components(
     metadata = {
         "urae_source_format": AdapterFormat.MINOR_COMPONENTS.value,
         "urae_source_sha256": file_sha256(path_4k),
+        # The minor-component rank r: what the adapter was trained at (the file's rank is 2r + r2k).
+        "rank": str(max(a.shape[0] for _, a in minor.values())),
     }
     if base_lora is not None:
         metadata["urae_base_lora_sha256"] = file_sha256(base_lora)

@@ -102,6 +102,19 @@ class AdapterInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     sha256: str = ""
 
+    @property
+    def trained_rank(self) -> int:
+        """The rank the adapter was trained at, as its user asked for it.
+
+        ``urae train`` and ``urae convert`` record it (``rank`` in the metadata): a minor-component
+        adapter of rank r is served as a plain LoRA of rank 2r (+ the rank of a fused base adapter),
+        which is ``rank``. Without the record, the file's rank.
+        """
+        recorded = self.metadata.get("rank", "")
+        if recorded.isdigit() and 0 < int(recorded) <= self.rank:
+            return int(recorded)
+        return self.rank
+
 
 @dataclass
 class _ModuleKeys:

@@ -1,7 +1,9 @@
-"""Aspect buckets: every training image is resized and center-cropped to the nearest bucket.
+"""Aspect buckets: every training image is resized to the nearest bucket.
 
 URAE's reference buckets are 1:1, 4:3, 2:1 and 4:1 (both orientations) with the longer side at the
-target resolution. Sides are multiples of 64 so that latents pack into 2x2 patches at any VAE scale.
+target resolution, and the reference resizes an image to its bucket's size (a stretch: the whole image
+is kept, its aspect ratio moves to the bucket's). Cropping the center instead is an option. Sides are
+multiples of 64 so that latents pack into 2x2 patches at any VAE scale.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from urae.errors import InvalidSpecError
 
 BUCKET_MULTIPLE = 64
 BUCKET_RATIOS = ((1, 1), (4, 3), (2, 1), (4, 1))
+RESIZE_MODES = ("stretch", "crop")
 
 
 def bucket_sizes(long_side: int) -> list[tuple[int, int]]:
@@ -35,9 +38,14 @@ def nearest_bucket(width: int, height: int, long_side: int) -> tuple[int, int]:
     return min(bucket_sizes(long_side), key=lambda s: abs(math.log(s[0] / s[1]) - ratio))
 
 
-def fit_to_bucket(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize ``image`` to cover ``size`` (keeping its aspect ratio), then crop the center."""
+def fit_to_bucket(image: Image.Image, size: tuple[int, int], mode: str = "stretch") -> Image.Image:
+    """``image`` at the bucket's ``size``: ``stretch`` resizes it to exactly that size (the reference);
+    ``crop`` resizes it to cover the size, keeping its aspect ratio, and crops the center."""
+    if mode not in RESIZE_MODES:
+        raise InvalidSpecError("resize_mode", f"{mode!r} is not one of {', '.join(RESIZE_MODES)}")
     width, height = size
+    if mode == "stretch":
+        return image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
     scale = max(width / image.width, height / image.height)
     resized = image.convert("RGB").resize(
         (max(width, round(image.width * scale)), max(height, round(image.height * scale))),

@@ -57,11 +57,13 @@ class CachedItem:
         return int(self.latent_mean.shape[-2]), int(self.latent_mean.shape[-1])
 
 
-def item_fingerprint(item: DatasetItem, model_id: str, resolution: int, max_sequence_length: int) -> str:
+def item_fingerprint(
+    item: DatasetItem, model_id: str, resolution: int, max_sequence_length: int, resize_mode: str = "stretch"
+) -> str:
     """Hash of the image bytes, captions and encoding settings that a cache file was made from."""
     digest = hashlib.sha256()
     digest.update(item.image.read_bytes())
-    settings = [CACHE_FORMAT, model_id, resolution, max_sequence_length, item.prompt, item.generated_prompt]
+    settings = [CACHE_FORMAT, model_id, resolution, max_sequence_length, item.prompt, item.generated_prompt, resize_mode]
     digest.update(json.dumps(settings).encode())
     return digest.hexdigest()
 
@@ -121,22 +123,27 @@ def cache_dataset(
     model_id: str,
     resolution: int,
     max_sequence_length: int = 512,
+    resize_mode: str = "stretch",
     tiled: bool | None = None,
     on_item: Callable[[int, int], None] | None = None,
     progress: bool = True,
 ) -> CacheReport:
-    """Encode every item not already cached; ``on_item(done, total)`` after each item."""
+    """Encode every item not already cached; ``on_item(done, total)`` after each item.
+
+    ``resize_mode``: how an image takes its bucket's size, ``stretch`` (the reference) or ``crop``
+    (see :func:`urae.data.buckets.fit_to_bucket`).
+    """
     folder = Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     cached = skipped = 0
     bar = tqdm(items, desc="cache", unit="img", disable=not progress)
     for done, item in enumerate(bar, start=1):
         path = cache_path(folder, item)
-        fingerprint = item_fingerprint(item, model_id, resolution, max_sequence_length)
+        fingerprint = item_fingerprint(item, model_id, resolution, max_sequence_length, resize_mode)
         if is_cached(path, fingerprint):
             skipped += 1
         else:
-            _write_item(pipe, item, path, fingerprint, resolution, max_sequence_length, tiled)
+            _write_item(pipe, item, path, fingerprint, resolution, max_sequence_length, resize_mode, tiled)
             cached += 1
         bar.set_postfix(cached=cached, skipped=skipped)
         if on_item is not None:
@@ -151,11 +158,12 @@ def _write_item(
     fingerprint: str,
     resolution: int,
     max_sequence_length: int,
+    resize_mode: str,
     tiled: bool | None,
 ) -> None:
     try:
         with Image.open(item.image) as img:
-            image = fit_to_bucket(img, nearest_bucket(item.width, item.height, resolution))
+            image = fit_to_bucket(img, nearest_bucket(item.width, item.height, resolution), resize_mode)
     except OSError as exc:
         raise DatasetError(str(item.image.parent), [(item.image.name, f"unreadable image ({exc})")]) from exc
     mean, std = encode_posterior(pipe.vae, image, tiled)

@@ -16,6 +16,12 @@ def add_parsers(subparsers: Any) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: DATASET/.cache/<resolution>")
     parser.add_argument("--resolution", type=int, default=2048, help="target long side, a multiple of 64")
     parser.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens")
+    parser.add_argument(
+        "--resize",
+        choices=("stretch", "crop"),
+        default="stretch",
+        help="how an image takes its bucket's size: stretch to it (the reference) or cover and crop the center",
+    )
     from urae.cli import add_model_arguments
 
     add_model_arguments(parser)
@@ -46,6 +52,7 @@ def run_cache(args: argparse.Namespace) -> int:
         model_id=args.model,
         resolution=args.resolution,
         max_sequence_length=args.max_sequence_length,
+        resize_mode=args.resize,
     )
     print(f"cached {report.cached}, already cached {report.skipped}, in {report.folder}")
     return 0

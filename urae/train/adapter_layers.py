@@ -98,13 +98,19 @@ def install_adapters(
     rank: int,
     scale: float = 1.0,
     seed: int = 0,
+    fused: Mapping[str, LoraFactors] | None = None,
 ) -> dict[str, LowRankLinear]:
     """Replace each target linear layer by a :class:`LowRankLinear`; return them by module path.
 
+    ``fused`` (module path -> (up, down)) is a LoRA added to the target weights first (URAE's 4K run
+    starts from dev + the 2K LoRA); its other layers are the caller's to fuse (:func:`fuse_lora`).
     ``lora``: A ~ N(0, 1/r^2) (seeded), B = 0, so the model starts unchanged.
-    ``minor_components``: SVD split of the weight; base <- major part, (B, A) <- the r smallest
-    singular components split by sqrt(S); scale is 1 and base + B A equals W at init.
+    ``minor_components``: SVD split of the (fused) weight; base <- major part, (B, A) <- the r
+    smallest singular components split by sqrt(S); scale is 1 and base + B A equals W at init. Fuse
+    and split are ONE float64 computation on the unrounded sum: only the major part is rounded, to
+    the weight's dtype; B and A are float32.
     """
+    fused = fused or {}
     generator = torch.Generator().manual_seed(seed)
     layers: dict[str, LowRankLinear] = {}
     for path in paths:
@@ -116,12 +122,21 @@ def install_adapters(
         if rank > min(base.weight.shape):
             raise InvalidSpecError("rank", f"{rank} exceeds the size of {path} {tuple(base.weight.shape)}")
         layer = LowRankLinear(base, rank, scale if kind == "lora" else 1.0)
+        w64 = base.weight.to(torch.float64)
+        if path in fused:
+            up, down = fused[path]
+            if (up.shape[0], down.shape[1]) != tuple(w64.shape):
+                raise InvalidSpecError("base_adapter", f"layer {path} does not match the weight shape {tuple(w64.shape)}")
+            w64 = w64 + up.to(w64.device, torch.float64) @ down.to(w64.device, torch.float64)
         if kind == "lora":
+            if path in fused:
+                base.weight.copy_(w64.to(base.weight.dtype))
             init = torch.randn(layer.lora_A.shape, generator=generator) / rank
             layer.lora_A.copy_(init.to(layer.lora_A.device))
         else:
-            major, b, a = svd_split(base.weight.float(), rank)
+            major, b, a = svd_split(w64, rank)
             base.weight.copy_(major.to(base.weight.dtype))
+            b, a = b.float(), a.float()
             layer.lora_B.copy_(b)
             layer.lora_A.copy_(a)
             layer.initial_B = b.clone()

@@ -18,6 +18,7 @@ SCHEDULES = ("constant", "cosine")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 MIXED_PRECISIONS = ("no", "bf16")
 DEVICES = ("auto", "cpu")
+RESIZE_MODES = ("stretch", "crop")
 RESOLUTION_MULTIPLE = 64
 # Default learning rates when none is given: Prodigy estimates its own step size (lr is a multiplier).
 DEFAULT_LEARNING_RATES = {"adamw": 1e-4, "prodigy": 1.0}
@@ -54,6 +55,9 @@ class TrainConfig:
     targets: list[str] | str = "urae"
     # Target long side in pixels (a multiple of 64); images are bucketed at 1:1, 4:3, 2:1, 4:1.
     resolution: int = 2048
+    # How an image takes its bucket's size: "stretch" (resize to it, as the reference does: the whole
+    # image is kept, its aspect ratio changes a little) or "crop" (cover the bucket, crop the center).
+    resize_mode: str = "stretch"
     # T5 tokens of the cached prompt embeddings (FLUX.1-dev: 512).
     max_sequence_length: int = 512
     # Optimizer steps.
@@ -62,16 +66,30 @@ class TrainConfig:
     learning_rate: float | None = None
     # "adamw" or "prodigy" (needs the optional package prodigyopt).
     optimizer: str = "adamw"
-    # Decoupled weight decay of the optimizer.
+    # Weight decay of the optimizer (decoupled: AdamW always, Prodigy with prodigy_decouple).
     weight_decay: float = 1e-4
+    # Betas and epsilon of AdamW and Prodigy (the reference: 0.9, 0.999, 1e-8).
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    # Prodigy as the reference runs it: bias correction, safeguard warmup, decoupled weight decay
+    # (prodigyopt's own defaults leave the first two off).
+    prodigy_use_bias_correction: bool = True
+    prodigy_safeguard_warmup: bool = True
+    prodigy_decouple: bool = True
     # "constant" or "cosine" (to zero at the last step), both after a linear warmup.
     schedule: str = "constant"
     # Linear warmup steps.
     warmup: int = 0
     # Max gradient norm; 0 disables clipping.
     grad_clip: float = 1.0
-    # Images per step and process (all from one aspect bucket).
+    # Images per forward pass and process (all from one aspect bucket).
     batch_size: int = 1
+    # Images per optimizer step over all processes; None: batch_size x processes. Gradient
+    # accumulation makes up the rest: global_batch_size / (batch_size x processes) passes per step,
+    # which must be a whole number. The reference: 8 (1 per GPU on 8 GPUs); on one GPU the recipes
+    # then accumulate 8 passes, so every step sees the same number of samples as the reference.
+    global_batch_size: int | None = None
     # Guidance embedding value during training: 1 for guidance-distilled models (URAE guideline 3).
     guidance: float = 1.0
     # Sigma distribution: "uniform" (the paper: U(0,1), no shift) or "logit_normal".
@@ -155,6 +173,12 @@ class TrainConfig:
         _int_at_least("steps", self.steps, 1)
         _int_at_least("warmup", self.warmup, 0)
         _int_at_least("batch_size", self.batch_size, 1)
+        if self.global_batch_size is not None:
+            _int_at_least("global_batch_size", self.global_batch_size, 1)
+            if self.global_batch_size % self.batch_size:
+                raise InvalidSpecError(
+                    "global_batch_size", f"{self.global_batch_size} is not a multiple of batch_size {self.batch_size}"
+                )
         _int_at_least("seed", self.seed, 0)
         _int_at_least("checkpoint_every", self.checkpoint_every, 0)
         _int_at_least("keep_checkpoints", self.keep_checkpoints, 1)
@@ -167,6 +191,10 @@ class TrainConfig:
         if self.learning_rate is not None:
             _positive("learning_rate", self.learning_rate)
         _in_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        _in_range("adam_beta1", self.adam_beta1, 0.0, 1.0 - 1e-9)
+        _in_range("adam_beta2", self.adam_beta2, 0.0, 1.0 - 1e-9)
+        _in_range("adam_epsilon", self.adam_epsilon, 1e-30, 1.0)
+        _one_of("resize_mode", self.resize_mode, RESIZE_MODES)
         _in_range("grad_clip", self.grad_clip, 0.0, math.inf)
         _in_range("guidance", self.guidance, 0.0, 30.0)
         _in_range("sample_guidance", self.sample_guidance, 0.0, 30.0)
@@ -184,16 +212,56 @@ class TrainConfig:
         _one_of("device", self.device, DEVICES)
         return self
 
+    def accumulation_steps(self, num_processes: int) -> int:
+        """Forward/backward passes per optimizer step and process, for ``global_batch_size``."""
+        if self.global_batch_size is None:
+            return 1
+        per_pass = self.batch_size * num_processes
+        if self.global_batch_size % per_pass:
+            raise InvalidSpecError(
+                "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of batch_size x processes "
+                f"({self.batch_size} x {num_processes})",
+            )
+        return self.global_batch_size // per_pass
+
+    def optimizer_settings(self) -> dict[str, Any]:
+        """The keyword arguments the optimizer is built with (besides the parameters)."""
+        settings: dict[str, Any] = {
+            "lr": self.effective_learning_rate,
+            "betas": (self.adam_beta1, self.adam_beta2),
+            "eps": self.adam_epsilon,
+            "weight_decay": self.weight_decay,
+        }
+        if self.optimizer == "prodigy":
+            settings.update(
+                use_bias_correction=self.prodigy_use_bias_correction,
+                safeguard_warmup=self.prodigy_safeguard_warmup,
+                decouple=self.prodigy_decouple,
+            )
+        return settings
+
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else self.output_dir / "cache"
 
 
 _PATH_FIELDS = ("dataset_dir", "output_dir", "cache_dir")
-_BOOL_FIELDS = ("proportional_attention", "gradient_checkpointing", "resume", "progress_bar")
+_BOOL_FIELDS = (
+    "proportional_attention",
+    "gradient_checkpointing",
+    "resume",
+    "progress_bar",
+    "prodigy_use_bias_correction",
+    "prodigy_safeguard_warmup",
+    "prodigy_decouple",
+)
 _FLOAT_FIELDS = (
     "alpha",
     "learning_rate",
     "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
     "grad_clip",
     "guidance",
     "logit_mean",
@@ -202,7 +270,7 @@ _FLOAT_FIELDS = (
     "sample_guidance",
     "real_prompt_ratio",
 )
-_STR_FIELDS = ("model_id", "recipe", "base_adapter", "adapter_kind", "optimizer", "schedule", "timestep_sampling", "mixed_precision", "device")
+_STR_FIELDS = ("model_id", "recipe", "base_adapter", "adapter_kind", "optimizer", "schedule", "timestep_sampling", "mixed_precision", "device", "resize_mode")
 
 
 def is_string_field(key: str) -> bool:
@@ -213,7 +281,7 @@ def is_string_field(key: str) -> bool:
 def _coerce(key: str, value: Any) -> Any:
     """Check a raw value's type (YAML/JSON/CLI input) and convert paths and numbers."""
     if value is None:
-        if key in ("cache_dir", "recipe", "base_adapter", "alpha", "learning_rate"):
+        if key in ("cache_dir", "recipe", "base_adapter", "alpha", "learning_rate", "global_batch_size"):
             return None
         raise InvalidSpecError(key, "must not be empty")
     if key in _PATH_FIELDS:

@@ -8,6 +8,7 @@ order is a pure function of (seed, epoch): a resumed run repeats the uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -53,8 +54,8 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_FILENAME = "adapter.safetensors"
 LOSS_LOG_FILENAME = "loss.jsonl"
-# Above FLUX's trained length the dynamic shift extrapolates badly (PITFALLS.md): samples use 3.0.
-SAMPLE_STATIC_SHIFT = 3.0
+# Above FLUX's trained length the dynamic shift extrapolates badly (PITFALLS.md): samples there use
+# the model's own shift as a static one (dev 3.0, schnell 1.0), as the 2K/4K presets do.
 TRAINED_LONG_SIDE = 1024
 
 
@@ -93,6 +94,7 @@ def train(
     items = scan_dataset(config.dataset_dir, min_long_side=config.resolution // 2)
     optimizer_class = _optimizer_class(config.optimizer)
     accelerator = _make_accelerator(config)
+    accumulation = config.accumulation_steps(accelerator.num_processes)
     device = accelerator.device
     weight_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
     config.output_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +121,7 @@ def train(
             model_id=config.model_id,
             resolution=config.resolution,
             max_sequence_length=config.max_sequence_length,
+            resize_mode=config.resize_mode,
             on_item=on_item,
             progress=config.progress_bar,
         )
@@ -133,21 +136,30 @@ def train(
     vae_shift = float(pipe.vae.config.shift_factor or 0.0)
     vae_scale = float(pipe.vae.config.scaling_factor)
 
-    # 3. Install the adapters (after fusing the base adapter and the high-resolution settings).
+    # 3. Install the adapters on the base with the base adapter fused (the target layers fuse it in
+    # the same float64 step as their split), after the high-resolution settings.
     transformer = pipe.transformer
     base_factors = _load_base_adapter(config, transformer)
-    fuse_lora(transformer, base_factors)
+    paths = resolve_targets(transformer, config.targets)
+    fuse_lora(transformer, {k: v for k, v in base_factors.items() if k not in paths})
     if config.ntk_factor != 1.0 or config.proportional_attention:
         from urae.attention import apply_high_res_settings
 
         apply_high_res_settings(transformer, config.ntk_factor, config.proportional_attention)
-    paths = resolve_targets(transformer, config.targets)
-    layers = install_adapters(transformer, config.adapter_kind, paths, config.rank, config.lora_scale, config.seed)
+    layers = install_adapters(
+        transformer,
+        config.adapter_kind,
+        paths,
+        config.rank,
+        config.lora_scale,
+        config.seed,
+        fused={k: v for k, v in base_factors.items() if k in paths},
+    )
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
-    optimizer = optimizer_class(params, lr=config.effective_learning_rate, weight_decay=config.weight_decay)
+    optimizer = optimizer_class(params, **config.optimizer_settings())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     guidance = _training_guidance(config, transformer)
 
@@ -193,28 +205,37 @@ def train(
                     save(step)
                 bar.close()
                 raise TrainingCanceled(step, config.steps)
-            global_index = step * accelerator.num_processes + accelerator.process_index
-            generator = torch.Generator().manual_seed(_step_seed(config.seed, global_index))
-            batch = _batch(data, buckets, config, global_index, generator)
-            latents = ((batch.latent_mean + batch.latent_std * _randn_like(batch.latent_mean, generator)) - vae_shift) * vae_scale
-            noise = _randn_like(latents, generator)
-            sigmas = sample_sigmas(latents.shape[0], config.timestep_sampling, generator, config.logit_mean, config.logit_std)
-            loss = flow_matching_loss(
-                model,
-                latents.to(device, weight_dtype),
-                batch.prompt_embeds.to(device, weight_dtype),
-                batch.pooled_prompt_embeds.to(device, weight_dtype),
-                sigmas,
-                noise.to(device, weight_dtype),
-                guidance,
-            )
-            accelerator.backward(loss)
+            # One optimizer step = ``accumulation`` passes on every process; each pass draws from
+            # its own global index, so the samples of a step do not depend on the process count.
+            step_loss = torch.zeros((), device=device)
+            for micro in range(accumulation):
+                global_index = (step * accumulation + micro) * accelerator.num_processes + accelerator.process_index
+                generator = torch.Generator().manual_seed(_step_seed(config.seed, global_index))
+                batch = _batch(data, buckets, config, global_index, generator)
+                latents = ((batch.latent_mean + batch.latent_std * _randn_like(batch.latent_mean, generator)) - vae_shift) * vae_scale
+                noise = _randn_like(latents, generator)
+                sigmas = sample_sigmas(latents.shape[0], config.timestep_sampling, generator, config.logit_mean, config.logit_std)
+                # Processes exchange gradients once per step, on its last pass.
+                sync = micro == accumulation - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    loss = flow_matching_loss(
+                        model,
+                        latents.to(device, weight_dtype),
+                        batch.prompt_embeds.to(device, weight_dtype),
+                        batch.pooled_prompt_embeds.to(device, weight_dtype),
+                        sigmas,
+                        noise.to(device, weight_dtype),
+                        guidance,
+                    )
+                    # The mean over the step's passes, as one batch of global_batch_size would give.
+                    accelerator.backward(loss / accumulation)
+                step_loss += loss.detach().float() / accumulation
             if config.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            last_loss = float(accelerator.reduce(loss.detach(), "mean").item())
+            last_loss = float(accelerator.reduce(step_loss, "mean").item())
             done = step + 1
             if not math.isfinite(last_loss):
                 bar.close()
@@ -453,7 +474,7 @@ def _render_samples(
     folder.mkdir(parents=True, exist_ok=True)
     scheduler = pipe.scheduler
     if config.resolution > TRAINED_LONG_SIDE:
-        pipe.scheduler = make_scheduler(scheduler.config, SAMPLE_STATIC_SHIFT)
+        pipe.scheduler = make_scheduler(scheduler.config, float(scheduler.config.get("shift", 3.0)))
     pipe.vae.to(device)
     pipe.set_progress_bar_config(disable=True)  # the training bar is the one that matters
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32

@@ -17,10 +17,13 @@ RUN useradd --create-home --uid 1000 urae \
 COPY docker/requirements-api.txt /tmp/requirements-api.txt
 RUN pip install -r /tmp/requirements-api.txt
 
-# Only the HTTP edge and the shared job store: the library and the worker (and their torch) stay out.
+# Only the HTTP edge, the shared job store and webhook delivery: the library and the worker (and their
+# torch) stay out.
 COPY pyproject.toml README.md /src/
 COPY jobstore /src/jobstore
 COPY service /src/service
+# The webhook delivery worker runs from this image too (`python -m webhooks`).
+COPY webhooks /src/webhooks
 RUN pip install --no-deps /src && rm -rf /src
 COPY docker/healthcheck.py /opt/urae/healthcheck.py
 

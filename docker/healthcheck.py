@@ -4,6 +4,8 @@
     python healthcheck.py worker [PREFIX]   a worker whose name starts with PREFIX (default: this host's
                                             name, as workers name themselves <host>-<pid>) has a live
                                             heartbeat in Redis (URAE_REDIS_URL)
+    python healthcheck.py webhooks          this host's webhook worker (webhooks-<host>-<pid>) is
+                                            registered with RQ (its key expires without heartbeats)
 
 Exit 0 when healthy, 1 with one line on stderr when not, 2 on a usage error.
 """
@@ -40,12 +42,26 @@ def check_worker(prefix: str) -> str | None:
     return None if live is not None else f"no live worker named {prefix}*"
 
 
+def check_webhooks(prefix: str) -> str | None:
+    import redis
+
+    url = os.environ.get("URAE_REDIS_URL", "redis://localhost:6379/0")
+    try:
+        conn = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
+        live = next(iter(conn.scan_iter(match=f"rq:worker:{prefix}*", count=1000)), None)
+    except redis.RedisError as exc:
+        return f"Redis unavailable: {exc}"
+    return None if live is not None else f"no live webhook worker named {prefix}*"
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("api", "worker") or len(argv) > 2:
+    if not argv or argv[0] not in ("api", "worker", "webhooks") or len(argv) > 2:
         print(__doc__, file=sys.stderr)
         return 2
     if argv[0] == "api":
         problem = check_api(argv[1] if len(argv) > 1 else "http://127.0.0.1:8000/health")
+    elif argv[0] == "webhooks":
+        problem = check_webhooks(argv[1] if len(argv) > 1 else f"webhooks-{socket.gethostname()}-")
     else:
         problem = check_worker(argv[1] if len(argv) > 1 else f"{socket.gethostname()}-")
     if problem:

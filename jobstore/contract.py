@@ -118,6 +118,16 @@ def job_lease_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:job:{job_id}:lease"
 
 
+def job_preview_key(job_id: str) -> str:
+    """The job's latest preview (JSON with a JPEG data URL); the event stream carries only markers."""
+    return f"{KEY_PREFIX}:job:{job_id}:preview"
+
+
+def job_webhook_throttle_key(job_id: str) -> str:
+    """Exists while progress webhooks of the job are throttled."""
+    return f"{KEY_PREFIX}:job:{job_id}:webhook-progress"
+
+
 def idempotency_key(owner: str, key: str) -> str:
     return f"{KEY_PREFIX}:idempotency:{owner}:{key}"
 
@@ -148,6 +158,21 @@ def finetune_work_prefix(job_id: str) -> str:
     return f"finetune/{job_id}"
 
 
+# -- webhooks ----------------------------------------------------------------------------------------
+WebhookEvent = Literal["started", "progress", "completed", "failed", "canceled"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("started", "progress", "completed", "failed", "canceled")
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("completed", "failed", "canceled")
+# The status a transition enters -> the webhook event it sends.
+STATUS_WEBHOOK_EVENTS: dict[str, WebhookEvent] = {
+    "started": "started", "finished": "completed", "failed": "failed", "canceled": "canceled",
+}
+WEBHOOK_QUEUE = f"{QUEUE_PREFIX}-webhooks"
+WEBHOOK_FUNCTION = "webhooks.delivery.deliver"
+MAX_WEBHOOK_URL_CHARS = 2000
+# -- previews ----------------------------------------------------------------------------------------
+MAX_PREVIEW_EVERY = MAX_STEPS
+
+
 # -- payloads (what travels through Redis, JSON only) -------------------------------------------------
 class AdapterWeight(BaseModel):
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)
@@ -169,6 +194,8 @@ class GeneratePayload(BaseModel):
     num_images: int = 1
     adapters: list[AdapterWeight] = []
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    # A preview every this many steps; 0: none; None: the worker's URAE_PREVIEW_EVERY.
+    preview_every: int | None = Field(default=None, ge=0, le=MAX_PREVIEW_EVERY)
 
 
 class AdapterImportPayload(BaseModel):

@@ -10,6 +10,7 @@ can never both win.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from jobstore.contract import (
     JOB_COUNTS_KEY,
     JOB_FUNCTIONS,
     RUNNING_JOBS_KEY,
+    STATUS_WEBHOOK_EVENTS,
     TERMINAL_STATUSES,
     JobKind,
     JobStatus,
@@ -33,9 +35,14 @@ from jobstore.contract import (
     job_events_key,
     job_key,
     job_lease_key,
+    job_preview_key,
+    job_webhook_throttle_key,
 )
 from jobstore.metrics import observe_stage
 from jobstore.queues import rq_queue, rq_queue_key
+from jobstore.webhook_targets import MAX_RECORDED_ATTEMPTS, enqueue_delivery
+
+log = logging.getLogger("urae.jobstore")
 
 # Stops a runaway stream; the replay an SSE client gets is bounded by it.
 EVENTS_MAXLEN = 2000
@@ -57,6 +64,21 @@ redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
 return 1
 """
 
+# Appends one delivery attempt to the record's JSON list (bounded), only while the record exists.
+_APPEND_WEBHOOK_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local cur = redis.call('HGET', KEYS[1], 'webhooks')
+if (not cur) or cur == '[]' then
+  cur = '[' .. ARGV[1] .. ']'
+else
+  local n = select(2, string.gsub(cur, '"attempt":', ''))
+  if n >= tonumber(ARGV[2]) then return 0 end
+  cur = string.sub(cur, 1, -2) .. ',' .. ARGV[1] .. ']'
+end
+redis.call('HSET', KEYS[1], 'webhooks', cur)
+return 1
+"""
+
 
 class JobNotFound(KeyError):
     """No record for this job id (never existed, or expired)."""
@@ -72,12 +94,13 @@ _QUEUED_EVENT = json.dumps({"type": "status", "status": "queued"}, separators=("
 class JobRecords:
     """Operations on job records over one Redis connection."""
 
-    JSON_FIELDS = ("payload", "progress", "timings", "result")
+    JSON_FIELDS = ("payload", "progress", "timings", "result", "webhook", "webhooks")
 
     def __init__(self, conn: redis.Redis, result_ttl_s: int = 7 * 24 * 3600):
         self.conn = conn
         self.result_ttl_s = result_ttl_s
         self._transition = conn.register_script(_TRANSITION)
+        self._append_webhook_attempt = conn.register_script(_APPEND_WEBHOOK_ATTEMPT)
 
     # -- create and read ---------------------------------------------------------------------------
     def create_and_enqueue(
@@ -90,6 +113,7 @@ class JobRecords:
         priority: str = "normal",
         owner: str = "",
         timeout_s: int = 3600,
+        webhook: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Write a queued record and put the job on its RQ queue, in one transaction (one round trip).
 
@@ -107,6 +131,8 @@ class JobRecords:
             "timeout_s": timeout_s,
             "payload": payload,
         }
+        if webhook is not None:
+            stored["webhook"] = webhook  # see jobstore.webhook_targets.webhook_target
         pipe = self.conn.pipeline()
         pipe.multi()
         pipe.hset(job_key(job_id), mapping=self._encode(stored))  # type: ignore[arg-type]
@@ -175,7 +201,11 @@ class JobRecords:
             pipe.expire(job_key(job_id), self.result_ttl_s)
             pipe.expire(job_events_key(job_id), self.result_ttl_s)
             pipe.delete(job_cancel_key(job_id))
+            pipe.expire(job_preview_key(job_id), self.result_ttl_s)
             pipe.execute()
+        if ok and str(new) in STATUS_WEBHOOK_EVENTS:
+            details = {k: v for k, v in (event or {}).items() if k in ("result", "error", "worker")}
+            self._notify_webhook(job_id, STATUS_WEBHOOK_EVENTS[str(new)], {"status": str(new), **details})
         return ok
 
     def start(self, job_id: str, worker: str) -> dict[str, Any] | None:
@@ -260,7 +290,51 @@ class JobRecords:
         pipe.hset(job_key(job_id), "progress", _dumps(progress))
         pipe.xadd(job_events_key(job_id), {"data": _dumps({"type": "progress", **progress})},
                   maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.hget(job_key(job_id), "webhook")
+        target = pipe.execute()[-1]
+        if target is not None:
+            self._notify_webhook(job_id, "progress", {"status": str(JobStatus.STARTED), "progress": progress}, target)
+
+    def set_preview(self, job_id: str, preview: dict[str, Any]) -> None:
+        """Keep only the latest preview (its own key, a few KB) and announce it on the event stream
+        with a small marker; a replay of the stream therefore never holds more than one image."""
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.set(job_preview_key(job_id), _dumps(preview), ex=self.result_ttl_s)
+        marker = {"type": "preview", "step": preview["step"], "total": preview["total"]}
+        pipe.xadd(job_events_key(job_id), {"data": _dumps(marker)}, maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.execute()
+
+    def latest_preview(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.conn.get(job_preview_key(job_id))
+        return json.loads(raw) if raw is not None else None
+
+    # -- webhooks ----------------------------------------------------------------------------------
+    def _notify_webhook(self, job_id: str, event: str, data: dict[str, Any], raw_target: Any = None) -> None:
+        """Queue a delivery of ``event`` when the job has a webhook that wants it (progress: throttled).
+        Never raises: a job's state change must not fail because its webhook could not be queued."""
+        try:
+            if raw_target is None:
+                raw_target = self.conn.hget(job_key(job_id), "webhook")
+                if raw_target is None:
+                    return
+            target = json.loads(raw_target)
+            if event not in target.get("events", ()):
+                return
+            if event == "progress":
+                interval_ms = max(1, int(float(target.get("progress_interval_s", 5.0)) * 1000))
+                if not self.conn.set(job_webhook_throttle_key(job_id), b"1", nx=True, px=interval_ms):
+                    return
+            kind = _text(self.conn.hget(job_key(job_id), "kind") or b"")
+            enqueue_delivery(self.conn, job_id, kind, target, event, data)
+        except (redis.RedisError, ValueError, TypeError, KeyError):
+            log.warning("job %s: webhook %s not queued", job_id, event, exc_info=True)
+
+    def record_webhook_attempt(self, job_id: str, attempt: dict[str, Any]) -> bool:
+        """Append one delivery attempt ({event, attempt, status_code, error, at}) to the job record."""
+        result = self._append_webhook_attempt(
+            keys=[job_key(job_id)], args=[_dumps(attempt), MAX_RECORDED_ATTEMPTS]
+        )
+        return bool(result == 1)
 
     # -- leases and dead runners ---------------------------------------------------------------------
     @contextmanager
@@ -329,6 +403,6 @@ class JobRecords:
     def _with_defaults(record: dict[str, Any]) -> dict[str, Any]:
         record.setdefault("rq_id", record["id"])
         record.setdefault("attempts", 0)
-        for key, empty in (("progress", None), ("timings", {}), ("result", None), ("error", "")):
+        for key, empty in (("progress", None), ("timings", {}), ("result", None), ("error", ""), ("webhooks", [])):
             record.setdefault(key, empty)
         return record

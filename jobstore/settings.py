@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("urae.service")
@@ -97,6 +97,47 @@ class Settings(BaseSettings):
     max_header_count: int = Field(default=100, ge=16)
     # SIGTERM: the API tells open event streams to reconnect and exits within this many seconds.
     api_shutdown_grace_s: float = Field(default=5.0, ge=0)
+
+    # Live previews of a generation: every this many denoising steps (0: off; a request may override),
+    # this many pixels on the long side; a local tiny-autoencoder folder (e.g. taef1) decodes them
+    # when set, instead of the linear latent -> RGB map. Never downloaded.
+    preview_every: int = Field(default=4, ge=0, le=100)
+    preview_max_side: int = Field(default=256, ge=16, le=1024)
+    preview_jpeg_quality: int = Field(default=70, ge=10, le=95)
+    preview_autoencoder: Path | None = None
+
+    # Webhooks (Standard Webhooks): the signing secret, "whsec_" + base64; unset: requests naming a
+    # webhook are refused.
+    webhook_secret: str = ""
+    # Receivers on private, loopback or link-local addresses are refused unless allowed here: all of
+    # them, or a comma-separated list of host names and networks (e.g. "hooks.internal,10.1.0.0/16").
+    webhook_allow_private: bool = False
+    webhook_allow_hosts: str = ""
+    # One attempt's time limit; failed attempts are retried with exponential backoff (first wait,
+    # doubling, capped) until this long after the first attempt, then given up.
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    webhook_backoff_s: float = Field(default=2.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=300.0, gt=0)
+    webhook_retry_for_s: float = Field(default=3600.0, ge=0)
+    # At most one progress webhook per job per this many seconds.
+    webhook_progress_interval_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_webhook_secret(cls, value: str) -> str:
+        if value:
+            import base64
+            import binascii
+
+            if not value.startswith("whsec_"):
+                raise ValueError('must start with "whsec_" followed by base64 (e.g. from `urae-serve` or '
+                                 "`python -c \"import base64,os; print('whsec_'+base64.b64encode(os.urandom(24)).decode())\"`)")
+            try:
+                if len(base64.b64decode(value.removeprefix("whsec_"), validate=True)) < 16:
+                    raise ValueError("the key after whsec_ must be at least 16 bytes")
+            except binascii.Error:
+                raise ValueError("the part after whsec_ is not valid base64") from None
+        return value
 
     @model_validator(mode="after")
     def _refuse_insecure_defaults(self) -> Settings:

@@ -13,6 +13,7 @@ accepted, and says so.
 from __future__ import annotations
 
 import argparse
+import base64
 import ctypes
 import os
 import secrets
@@ -37,6 +38,7 @@ from jobstore.contract import worker_key
 TINY_MODELS = ("tiny", "tiny-schnell")
 REDIS_START_TIMEOUT_S = 15.0
 API_STOP_TIMEOUT_S = 10.0
+WEBHOOKS_STOP_TIMEOUT_S = 15.0
 REDIS_STOP_TIMEOUT_S = 10.0
 # A worker that got SIGTERM finishes its job within URAE_SHUTDOWN_GRACE_S; this is the slack on top.
 WORKER_STOP_SLACK_S = 10.0
@@ -131,6 +133,7 @@ class LocalStack:
         self.stop_requested = threading.Event()
         self.force = threading.Event()
         self.api_key: str | None = None
+        self.webhook_secret: str | None = None  # set when generated here (then printed)
         self.redis_url = ""
         self.owns_redis = False
         self.data_dir = options.data_dir.resolve()
@@ -170,6 +173,9 @@ class LocalStack:
             name = f"local-finetune-{i}"
             self._spawn(name, [sys.executable, "-m", "worker", "--queues", "finetune", "--name", name, *model_args],
                         env, worker_stop, STOP_FIRST)
+        # Webhook deliveries: their own small process, so a slow receiver never holds up a worker.
+        self._spawn("webhooks", [sys.executable, "-m", "webhooks", "--name", "local-webhooks"], env,
+                    WEBHOOKS_STOP_TIMEOUT_S, STOP_FIRST)
         self._wait_ready(generation)
 
     def _gpu_ids(self, env: dict[str, str]) -> list[str]:
@@ -195,6 +201,10 @@ class LocalStack:
             "URAE_STORAGE_DIR": str(self.data_dir / "storage"),
         })
         env.setdefault("URAE_SHUTDOWN_GRACE_S", "10")
+        if not env.get("URAE_WEBHOOK_SECRET"):
+            # Standard Webhooks form: "whsec_" + base64 of random bytes; printed so receivers can verify.
+            self.webhook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+            env["URAE_WEBHOOK_SECRET"] = self.webhook_secret
         if o.open_access:
             env.update({"URAE_ENV": "development", "URAE_DEV_OPEN_ACCESS": "true", "URAE_API_KEYS": "",
                         "URAE_API_KEY_HASHES": ""})
@@ -345,6 +355,8 @@ class LocalStack:
             f"  model       {o.model} on {o.resolved_device}, {o.workers} generation worker(s), "
             f"{o.finetune_workers} fine-tune worker(s)",
             f"  Redis       {_safe_url(self.redis_url)} ({redis_note})",
+            f"  webhooks    signed with {self.webhook_secret or 'URAE_WEBHOOK_SECRET'}"
+            + (" (new; set URAE_WEBHOOK_SECRET to keep one)" if self.webhook_secret else ""),
             f"  outputs     {self.data_dir / 'storage'}",
             f"  logs        {self.log_dir}",
             "Press Ctrl-C to stop.",

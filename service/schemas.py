@@ -13,14 +13,17 @@ from jobstore.contract import (
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_PIXELS,
+    MAX_PREVIEW_EVERY,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
+    MAX_WEBHOOK_URL_CHARS,
     MIN_SIDE,
     SIZE_MULTIPLE,
     AdapterWeight,
     Priority,
+    WebhookEvent,
     preset_for_pixels,
     preset_size,
 )
@@ -54,6 +57,17 @@ class GenerateRequest(BaseModel):
     adapters: list[AdapterWeight] = Field(default=[], max_length=MAX_ADAPTERS_PER_REQUEST)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     priority: Priority = "normal"
+    preview_every: int | None = Field(
+        default=None, ge=0, le=MAX_PREVIEW_EVERY,
+        description="A live preview (event: preview) every this many steps; 0: none. Default: the server's",
+    )
+    webhook: str | None = Field(
+        default=None, min_length=1, max_length=MAX_WEBHOOK_URL_CHARS,
+        description="http(s) URL that receives the job's events, signed (Standard Webhooks)",
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        default=None, max_length=5, description="Which events the webhook receives. Default: completed, failed, canceled",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -142,6 +156,26 @@ class JobPublic(BaseModel):
     created_at: float
     started_at: float | None = None
     ended_at: float | None = None
+    webhook: WebhookTargetPublic | None = None
+    webhooks: list[WebhookAttempt] = []
+
+
+class WebhookTargetPublic(BaseModel):
+    url: str
+    events: list[str]
+
+
+class WebhookAttempt(BaseModel):
+    """One delivery attempt of a webhook event. ``outcome``: delivered, retrying, gave_up or refused."""
+
+    event: str
+    attempt: int
+    status_code: int | None = None
+    error: str | None = None
+    at: float
+    outcome: str | None = None
+    id: str | None = None
+    next_attempt_in_s: float | None = None
 
 
 class ErrorBody(BaseModel):

@@ -26,6 +26,7 @@ from urae.attention import apply_high_res_settings
 from urae.errors import GenerationCanceled
 from urae.models import DEFAULT_MODEL, is_schnell, load_pipeline
 from urae.previews import (
+    DEFAULT_MAX_SIDE,
     PreviewRenderer,
     PreviewSink,
     TinyAutoencoderPreview,
@@ -113,7 +114,8 @@ class Generator:
     ):
         self.pipe = pipe
         # A local tiny-autoencoder folder for previews; None: the linear latent -> RGB map.
-        self._preview_autoencoder = preview_autoencoder
+        self.preview_autoencoder = preview_autoencoder
+        self.preview_max_side = DEFAULT_MAX_SIDE
         self._preview_render: Callable[[torch.Tensor, int, int], np.ndarray] | None = None
         self.model_id = model_id
         self.schnell = is_schnell(pipe)
@@ -275,13 +277,14 @@ class Generator:
 
     def _make_preview_render(self) -> Callable[[torch.Tensor, int, int], np.ndarray]:
         vae = self.pipe.vae
-        if self._preview_autoencoder is not None:
+        if self.preview_autoencoder is not None:
             try:
-                return TinyAutoencoderPreview.load(self._preview_autoencoder, vae, self.device, vae.dtype)
+                decoder = TinyAutoencoderPreview.load(self.preview_autoencoder, vae, self.device, vae.dtype)
+                return lambda latents, width, height: decoder(latents, width, height, self.preview_max_side)
             except (OSError, ValueError) as exc:
-                log.warning("preview autoencoder %s not usable (%s); using the linear latent map", self._preview_autoencoder, exc)
+                log.warning("preview autoencoder %s not usable (%s); using the linear latent map", self.preview_autoencoder, exc)
         rgb_map = latent_rgb_map_for(vae)
-        return lambda latents, width, height: latents_to_preview(latents, rgb_map, width, height)
+        return lambda latents, width, height: latents_to_preview(latents, rgb_map, width, height, self.preview_max_side)
 
     def _activate_adapters(self, spec: GenerationSpec) -> list[dict[str, Any]]:
         if not spec.adapters:

@@ -110,8 +110,9 @@ def latent_rgb_map_for(vae: Any) -> LatentRgbMap:
 
 
 def preview_size(width: int, height: int, max_side: int = DEFAULT_MAX_SIDE) -> tuple[int, int]:
-    """Width and height of the preview of a ``width`` x ``height`` image: ``max_side`` on the long side."""
-    scale = max_side / max(width, height)
+    """Width and height of the preview of a ``width`` x ``height`` image: ``max_side`` on the long side,
+    or the image's own size when it is smaller."""
+    scale = min(1.0, max_side / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 

@@ -157,6 +157,8 @@ def _load_model(rt: Runtime) -> bool:
             s.model, device=s.device, dtype=s.dtype, offload=s.offload, adapter_resolver=rt.resolve_adapter,
             adapter_capacity=s.adapter_capacity, hotswap_rank=s.hotswap_rank,
         )
+        rt.generator.preview_autoencoder = s.preview_autoencoder
+        rt.generator.preview_max_side = s.preview_max_side
         # Create the adapter cache now: hot-swap must be enabled before the first adapter loads.
         rt.generator.adapters  # noqa: B018
     except UraeError as exc:

@@ -7,6 +7,8 @@ with a readable reason. Failures are recorded, not raised: the worker keeps serv
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import signal
 import time
@@ -134,7 +136,9 @@ def run_generate(payload: dict[str, Any]) -> str:
                 except Exception:
                     log.warning("job %s: progress not published", job.job_id)
 
-            result = generator.generate(spec, on_progress=on_progress, should_cancel=_should_stop(rt, job.job_id))
+            preview_every = rt.settings.preview_every if job.preview_every is None else job.preview_every
+            result = generator.generate(spec, on_progress=on_progress, should_cancel=_should_stop(rt, job.job_id),
+                                        on_preview=_preview_publisher(rt, job.job_id), preview_every=preview_every)
             timings.update({k: round(v, 4) for k, v in result.timings.items()})
             t0 = time.perf_counter()
             images = []
@@ -180,6 +184,22 @@ def run_generate(payload: dict[str, Any]) -> str:
             _remove(rt, written)
             _fail_unexpected(rt, job.job_id, exc, timings)
             return JobStatus.FAILED
+
+
+def _preview_publisher(rt: Runtime, job_id: str) -> Callable[[Any], None]:
+    """Encodes a preview frame as a JPEG data URL and publishes it (runs in the preview thread)."""
+    from PIL import Image
+
+    def publish(frame: Any) -> None:
+        buffer = io.BytesIO()
+        Image.fromarray(frame.pixels).save(buffer, "JPEG", quality=rt.settings.preview_jpeg_quality)
+        height, width = frame.pixels.shape[:2]
+        rt.records.set_preview(job_id, {
+            "step": frame.step, "total": frame.total, "index": frame.index, "width": width, "height": height,
+            "image": "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"),
+        })
+
+    return publish
 
 
 def _remove(rt: Runtime, keys: list[str]) -> None:

@@ -23,6 +23,7 @@ from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDe
 from service.routers.jobs import job_public
 from service.schemas import ErrorBody, FinetuneRecipe, JobPublic
 from service.uploads import ArchiveLimits, UploadError, extract_dataset, spooled_upload
+from service.webhook_admission import check_webhook
 
 router = APIRouter(tags=["finetune"])
 
@@ -46,6 +47,10 @@ def submit_finetune(
     dataset_name: Annotated[str | None, Form(pattern=DATASET_NAME_PATTERN,
                                              description="a dataset already on the server, or the name for the upload")] = None,
     recipe: Annotated[str, Form(description='training parameters as JSON, e.g. {"steps": 200, "rank": 16}')] = "{}",
+    webhook: Annotated[str | None, Form(max_length=2000, description="http(s) URL that receives the job's events")] = None,
+    webhook_events: Annotated[str | None, Form(
+        max_length=200, description="comma-separated: started, progress, completed, failed, canceled "
+                                    "(default: completed, failed, canceled)")] = None,
 ) -> JobPublic:
     """Queue a fine-tune. Progress reports step, loss and ETA; on success the adapter is registered."""
     if adapter_name in BUILTIN_ADAPTERS:
@@ -62,6 +67,8 @@ def submit_finetune(
     if parsed.base_adapter is not None:
         check_adapters_exist(conn, [parsed.base_adapter])
     check_queue_depth(conn, FINETUNE_QUEUE, settings)
+    events = [e.strip() for e in webhook_events.split(",") if e.strip()] if webhook_events is not None else None
+    webhook_target = check_webhook(settings, webhook, events)
 
     job_id = new_job_id()
     if dataset is not None:
@@ -86,7 +93,7 @@ def submit_finetune(
     )
     record = records.create_and_enqueue(
         job_id, JobKind.FINETUNE, FINETUNE_QUEUE, payload.model_dump(), owner=owner,
-        timeout_s=settings.finetune_timeout_s,
+        timeout_s=settings.finetune_timeout_s, webhook=webhook_target,
     )
     response.headers["Location"] = f"/jobs/{job_id}"
     return job_public(record, records.queue_position(record))

@@ -28,6 +28,7 @@ from service.admission import (
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep
 from service.routers.jobs import job_public
 from service.schemas import ErrorBody, GenerateRequest, JobPublic
+from service.webhook_admission import check_webhook
 
 router = APIRouter(tags=["generate"])
 
@@ -54,6 +55,7 @@ def submit_generation(
     width, height = body.size()
     check_adapters_exist(conn, [a.name for a in body.adapters])
     check_capability(conn, settings, width, height, request.app.state.workers)
+    webhook = check_webhook(settings, body.webhook, body.webhook_events)
     queue = generate_queue(body.priority)
 
     claim: str | None = None
@@ -87,11 +89,12 @@ def submit_generation(
         num_images=body.num_images,
         adapters=body.adapters,
         output_format=body.output_format,
+        preview_every=body.preview_every,
     )
     try:
         record = records.create_and_enqueue(
             job_id, JobKind.GENERATE, queue, payload.model_dump(), priority=body.priority,
-            owner=owner, timeout_s=settings.job_timeout_s,
+            owner=owner, timeout_s=settings.job_timeout_s, webhook=webhook,
         )
     except Exception:
         if claim is not None:

@@ -20,6 +20,7 @@ from jobstore.contract import (
     JobStatus,
     job_events_key,
     job_key,
+    job_preview_key,
 )
 from jobstore.jobs import JobNotFound, JobRecords
 from service.admission import ApiError
@@ -53,7 +54,21 @@ def job_public(record: dict[str, Any], position: int | None = None) -> JobPublic
         created_at=record["created_at"],
         started_at=record.get("started_at"),
         ended_at=record.get("ended_at"),
+        webhook=record.get("webhook"),
+        webhooks=record.get("webhooks") or [],
     )
+
+
+async def _latest_preview(aredis: aioredis.Redis, job_id: str, sent_step: int) -> dict[str, Any] | None:
+    """The job's latest preview as an event ({type, step, total, index, width, height, image}), or None
+    when it is no newer than the one already sent."""
+    raw = await aredis.get(job_preview_key(job_id))
+    if raw is None:
+        return None
+    preview = json.loads(raw)
+    if int(preview.get("step", -1)) <= sent_step:
+        return None
+    return {"type": "preview", **preview}
 
 
 def _get(records: JobRecords, job_id: str) -> dict[str, Any]:
@@ -113,7 +128,9 @@ async def job_events(job_id: JobId, request: Request, _: ApiKeyDep, settings: Se
     """Server-Sent Events: every status and progress change from the job's start, until it ends.
 
     Events are named ``status`` (data: {"status": ...}) and ``progress`` (data: {"stage", "step",
-    "total", ...}); the stream closes after the terminal status event. When the API shuts down, an open
+    "total", ...}) and ``preview`` (data: {"step", "total", "index", "width", "height", "image": a JPEG
+    data URL}; only the latest preview is kept, so a replay sends it once); the stream closes after the
+    terminal status event. When the API shuts down, an open
     stream ends with ``event: reconnect``: reconnect (with Last-Event-ID) to continue where it stopped.
     """
     aredis: aioredis.Redis = request.app.state.aredis
@@ -157,6 +174,7 @@ async def _event_stream(
     shutdown: asyncio.Event,
 ) -> AsyncIterator[str]:
     key = job_events_key(job_id)
+    preview_sent = -1
     # A finished job's events are all written: read what is left without waiting, then stop.
     ended = await _job_ended(aredis, job_id)
     next_keepalive = asyncio.get_running_loop().time() + keepalive_s
@@ -184,6 +202,13 @@ async def _event_stream(
         for entry_id, fields in batch[0][1]:
             last_id = entry_id
             data = json.loads(fields[b"data"])
+            if data.get("type") == "preview":
+                # The stream holds only a marker; the image is the latest one kept (so a replay sends
+                # the newest preview once, never a backlog of them).
+                data = await _latest_preview(aredis, job_id, preview_sent)
+                if data is None:
+                    continue
+                preview_sent = int(data["step"])
             yield f"id: {entry_id.decode()}\nevent: {data.get('type', 'status')}\ndata: {json.dumps(data)}\n\n"
             if data.get("type") == "status" and data.get("status") in TERMINAL_STATUSES:
                 return

@@ -37,6 +37,8 @@ def test_one_command_serves_a_job_and_ctrl_c_stops_every_process(tmp_path: Path)
         assert sum("service.app" in c for c in commands.values()) == 1, commands
         assert sum("--queues generate" in c for c in commands.values()) == 1, commands
         assert sum("--queues finetune" in c for c in commands.values()) == 1, commands
+        assert any("-m webhooks" in c for c in commands.values()), commands  # (and its RQ scheduler)
+        assert "webhooks    signed with whsec_" in stack.output
 
         base = f"http://127.0.0.1:{port}"
         body = wait_ready(base, key)

@@ -1,0 +1,3 @@
+from webhooks.worker import main
+
+main()

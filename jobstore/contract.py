@@ -39,6 +39,8 @@ SHIPPED_RECIPES = ("urae-2k", "urae-4k")
 # Strict on purpose: these become Redis keys and file names. No dots, slashes, percent signs or
 # non-ASCII characters can pass, so "../", absolute paths and encoded tricks are refused up front.
 ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+# base_adapter of a minor-component upload whose SVD split was made on the plain base model; reserved.
+NO_BASE_ADAPTER = "none"
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 DATASET_NAME_PATTERN = ADAPTER_NAME_PATTERN
 ADAPTER_NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
@@ -205,7 +207,8 @@ class AdapterImportPayload(BaseModel):
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)
     upload: str  # storage key of the uploaded file
     description: str = ""
-    # A minor-component file is converted on top of this adapter (URAE's 4K file: "urae-2k").
+    # A minor-component file is converted on top of this adapter (URAE's 4K file: "urae-2k");
+    # NO_BASE_ADAPTER when it was split from the plain base. None: a plain LoRA.
     base_adapter: str | None = Field(default=None, pattern=ADAPTER_NAME_PATTERN)
     source: str = "upload"
 

@@ -189,7 +189,10 @@ class AdapterPublic(BaseModel):
     name: str
     builtin: bool = False
     version: str | None = None
+    # The rank the adapter was trained at; export_rank: the rank of the plain LoRA it is served as
+    # (larger for a minor-component adapter: 2r, plus the rank of the LoRA fused before its split).
     rank: int | None = None
+    export_rank: int | None = None
     size_bytes: int | None = None
     source: str | None = None
     description: str = ""

@@ -36,11 +36,23 @@ class UploadError(ValueError):
     """An uploaded file is refused; the message says why."""
 
 
+# URAE's minor-component layout (the official 4K adapter): <block>.<i>.attn.processor.to_{q|k|v|out}_{a|b}.weight.
+MINOR_COMPONENT_KEY_RE = re.compile(
+    r"(?:transformer\.)?(?:single_)?transformer_blocks\.\d+\.attn\.processor\.to_(?:q|k|v|out)_[ab]\.weight"
+)
+
+
 @dataclass(frozen=True)
 class SafetensorsSummary:
     tensors: int
     header_bytes: int
     metadata: dict[str, str]
+    tensor_names: tuple[str, ...] = ()
+
+    @property
+    def is_minor_components(self) -> bool:
+        """True for a URAE minor-component file (converted on top of the LoRA fused before its split)."""
+        return any(MINOR_COMPONENT_KEY_RE.fullmatch(name) for name in self.tensor_names)
 
 
 def check_safetensors(path: Path) -> SafetensorsSummary:
@@ -76,7 +88,9 @@ def check_safetensors(path: Path) -> SafetensorsSummary:
         begin, end = entry["data_offsets"]
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
             raise UploadError(f"tensor {name!r}: data offsets point outside the file (truncated upload?)")
-    return SafetensorsSummary(len(header), length, {str(k): str(v) for k, v in metadata.items()})
+    return SafetensorsSummary(
+        len(header), length, {str(k): str(v) for k, v in metadata.items()}, tuple(str(k) for k in header)
+    )
 
 
 def copy_bounded(src: IO[bytes], dest: BinaryIO, limit: int, what: str) -> int:

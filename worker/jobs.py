@@ -24,6 +24,7 @@ from jobstore.adapters import get_adapter, register_adapter
 from jobstore.contract import (
     CONTENT_TYPES,
     JOB_ID_RE,
+    NO_BASE_ADAPTER,
     AdapterImportPayload,
     FinetunePayload,
     GeneratePayload,
@@ -252,7 +253,8 @@ def register_file(
     key = adapter_object(name, version)
     tmp = rt.storage.temp_path(key)
     try:
-        base_lora = rt.resolve_adapter(base_adapter) if base_adapter else None
+        # NO_BASE_ADAPTER: a minor-component file split from the plain base (the API made the caller say so).
+        base_lora = rt.resolve_adapter(base_adapter) if base_adapter not in (None, NO_BASE_ADAPTER) else None
         info = prepare_for_serving(src, tmp, transformer, base_lora=base_lora)
         limit = rt.settings.hotswap_rank
         if limit is not None and info.rank > limit:
@@ -265,7 +267,9 @@ def register_file(
         tmp.unlink(missing_ok=True)
     previous = get_adapter(rt.conn, name)
     adapter = {
-        "name": name, "version": version, "object": key, "rank": info.rank,
+        # rank: what the adapter was trained at; export_rank: the served plain LoRA's (2r + the base's
+        # for a minor-component adapter).
+        "name": name, "version": version, "object": key, "rank": info.trained_rank, "export_rank": info.rank,
         "size_bytes": rt.storage.path(key).stat().st_size, "source": source, "description": description,
         "created_at": time.time(), "sha256": info.sha256, "base_model": rt.settings.model,
     }

@@ -24,6 +24,7 @@ from jobstore.contract import (
     ADAPTER_IMPORT_QUEUE,
     ADAPTER_NAME_PATTERN,
     BUILTIN_ADAPTERS,
+    NO_BASE_ADAPTER,
     TERMINAL_STATUSES,
     AdapterImportPayload,
     JobKind,
@@ -38,7 +39,7 @@ from service.admission import ApiError, check_queue_depth
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDep
 from service.routers.jobs import job_public
 from service.schemas import AdapterList, AdapterPublic, ErrorBody, JobPublic
-from service.uploads import UploadError, check_safetensors, spooled_upload
+from service.uploads import SafetensorsSummary, UploadError, check_safetensors, spooled_upload
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -98,10 +99,20 @@ async def adapter_upload(
     storage: StorageDep,
     description: Annotated[str, Form(max_length=500)] = "",
     replace: Annotated[bool, Form()] = False,
+    base_adapter: Annotated[
+        str | None,
+        Form(
+            pattern=ADAPTER_NAME_PATTERN,
+            description="minor-component files only (required for them): the LoRA fused into the base before "
+            f"the SVD split: urae-2k for URAE's official 4K file, {NO_BASE_ADAPTER!r} for a split of the plain base",
+        ),
+    ] = None,
 ) -> JSONResponse:
     """Upload an adapter. The header is checked here; a worker checks that it fits the base model and
     converts a minor-component file into the served form (a plain LoRA)."""
-    job_id = await run_in_threadpool(_accept_upload, file, name, settings, conn, records, storage, description, replace)
+    job_id = await run_in_threadpool(
+        _accept_upload, file, name, settings, conn, records, storage, description, replace, base_adapter
+    )
     # Waiting for the worker holds no server thread: the event loop polls the job's status.
     await _wait_until_ended(request.app.state.aredis, job_id, settings.adapter_import_wait_s)
     return await run_in_threadpool(_import_answer, job_id, name, conn, records)
@@ -118,11 +129,15 @@ async def _wait_until_ended(aredis: aioredis.Redis, job_id: str, timeout_s: floa
 
 def _accept_upload(
     file: UploadFile, name: str, settings: Settings, conn: redis.Redis, records: JobRecords, storage: LocalStorage,
-    description: str, replace: bool,
+    description: str, replace: bool, base_adapter: str | None = None,
 ) -> str:
     """Check, store and enqueue the upload (blocking I/O: run in the thread pool); the import job's id."""
     if name in BUILTIN_ADAPTERS:
         raise ApiError(409, f"{name!r} is the name of a built-in adapter", field="name")
+    if name == NO_BASE_ADAPTER:
+        raise ApiError(422, f"{name!r} is reserved (base_adapter={NO_BASE_ADAPTER} means no base adapter)", field="name")
+    if base_adapter not in (None, NO_BASE_ADAPTER, *BUILTIN_ADAPTERS) and get_adapter(conn, base_adapter) is None:
+        raise ApiError(422, f"adapter {base_adapter!r} does not exist (see GET /adapters)", field="base_adapter")
     if not replace and get_adapter(conn, name) is not None:
         raise ApiError(409, f"adapter {name!r} already exists (send replace=true to replace it)", field="name")
     check_queue_depth(conn, ADAPTER_IMPORT_QUEUE, settings)
@@ -130,18 +145,40 @@ def _accept_upload(
     key = upload_object(job_id, ".safetensors")
     try:
         with spooled_upload(file.file, storage.path("uploads"), settings.max_adapter_bytes, "the adapter file") as tmp:
-            check_safetensors(tmp)
+            summary = check_safetensors(tmp)
+            _check_base_adapter(summary, base_adapter)
             storage.put_file(key, tmp)
     except UploadError as exc:
         code = 413 if "larger than the limit" in str(exc) else 422
         raise ApiError(code, str(exc), field="file") from None
 
-    payload = AdapterImportPayload(job_id=job_id, name=name, upload=key, description=description)
+    payload = AdapterImportPayload(
+        job_id=job_id, name=name, upload=key, description=description, base_adapter=base_adapter
+    )
     records.create_and_enqueue(
         job_id, JobKind.ADAPTER_IMPORT, ADAPTER_IMPORT_QUEUE, payload.model_dump(), priority="high",
         timeout_s=settings.job_timeout_s,
     )
     return job_id
+
+
+def _check_base_adapter(summary: SafetensorsSummary, base_adapter: str | None) -> None:
+    """A minor-component file is converted against the base it was split from: the caller must say which.
+
+    Converted against the wrong weights (the official 4K file without the 2K LoRA it was split on top
+    of) it would serve a different model without any error.
+    """
+    if summary.is_minor_components and base_adapter is None:
+        raise ApiError(
+            422,
+            "this is a URAE minor-component adapter: send base_adapter, the LoRA fused into the base before its "
+            f"SVD split (urae-2k for URAE's official 4K file, {NO_BASE_ADAPTER} for a split of the plain base model)",
+            field="base_adapter",
+        )
+    if not summary.is_minor_components and base_adapter is not None:
+        raise ApiError(
+            422, "base_adapter is for URAE minor-component files only; this file is a plain LoRA", field="base_adapter"
+        )
 
 
 def _import_answer(job_id: str, name: str, conn: redis.Redis, records: JobRecords) -> JSONResponse:

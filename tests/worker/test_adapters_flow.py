@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import wait_for_status
+from urae.adapters.builtin import TINY_RANK
 
 SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 5}
 LONG = {"prompt": "a slow one", "width": 128, "height": 128, "steps": 100, "seed": 2}
@@ -121,7 +122,34 @@ def test_minor_component_upload_is_converted_on_top_of_its_base(
     assert upload(http, "fused-base", adapter_files["base"]).status_code == 201
     response = upload(http, "minor-4k", adapter_files["minor"], base_adapter="fused-base")
     assert response.status_code == 201, response.text
+    # The rank it was trained at, and the rank it is served at: [B | -B0 | B_base].
+    assert (response.json()["rank"], response.json()["export_rank"]) == (TINY_RANK, 3 * TINY_RANK)
     assert generate_pixels(http, {**SMALL, "adapters": [{"name": "minor-4k"}]}).shape == (64, 64, 3)
+    # Said to be split from the plain base, the same file converts without the base's LoRA.
+    response = upload(http, "minor-plain", adapter_files["minor"], base_adapter="none")
+    assert response.status_code == 201, response.text
+    assert (response.json()["rank"], response.json()["export_rank"]) == (TINY_RANK, 2 * TINY_RANK)
+
+
+@pytest.mark.parametrize(
+    ("name", "file", "form", "words"),
+    [
+        ("minor-nobase", "minor", {}, "send base_adapter"),
+        ("minor-unknown", "minor", {"base_adapter": "no-such-adapter"}, "does not exist"),
+        ("plain-withbase", "a", {"base_adapter": "urae-2k"}, "plain lora"),
+        ("none", "a", {}, "reserved"),
+    ],
+)
+def test_minor_component_uploads_must_name_their_base(
+    http: Any, adapter_files: dict[str, Path], name: str, file: str, form: dict[str, str], words: str
+) -> None:
+    """Refused by the API from the file's header, before any worker sees it."""
+    response = upload(http, name, adapter_files[file], **form)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert words in body["detail"].lower()
+    assert body["field"] == ("name" if name == "none" else "base_adapter")
+    assert name not in [a["name"] for a in http.get("/adapters").json()["adapters"]]
 
 
 @pytest.mark.parametrize(

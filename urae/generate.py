@@ -34,7 +34,7 @@ from urae.previews import (
     latents_to_preview,
 )
 from urae.spec import GenerationSpec
-from urae.vae_decode import choose_mode, decode_latents
+from urae.vae_decode import choose_mode, decode_latents_reporting_mode
 
 if TYPE_CHECKING:
     from urae.adapters.manager import AdapterManager
@@ -218,6 +218,7 @@ class Generator:
         total = spec.steps * spec.num_images
         timings["denoise"] = timings["decode"] = 0.0
         images: list[Image.Image] = []
+        decode_modes: list[str] = []  # per image: auto falls back to tiles on out-of-memory
         for index in range(spec.num_images):
             done = index * spec.steps
 
@@ -259,12 +260,15 @@ class Generator:
             report("decode", index, spec.num_images)
             t0 = time.perf_counter()
             latents = pipe._unpack_latents(packed, spec.height, spec.width, pipe.vae_scale_factor)
-            decoded = decode_latents(pipe.vae, latents.to(pipe.vae.device), spec.vae_decode)
+            decoded, decode_mode = decode_latents_reporting_mode(pipe.vae, latents.to(pipe.vae.device), spec.vae_decode)
+            decode_modes.append(decode_mode)
             images.extend(pipe.image_processor.postprocess(decoded, output_type="pil"))
             timings["decode"] += time.perf_counter() - t0
         report("decode", spec.num_images, spec.num_images)
 
         metadata = [self._metadata(spec, spec.seed + i, adapter_records) for i in range(spec.num_images)]
+        for meta, decode_mode in zip(metadata, decode_modes, strict=True):
+            meta["vae_decode"] = decode_mode
         return GenerationResult(images=images, metadata=metadata, timings=timings)
 
     def _previews(self, spec: GenerationSpec, sink: PreviewSink | None, every: int) -> PreviewRenderer | None:

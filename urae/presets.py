@@ -34,10 +34,10 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset("1k", 1024, None, 1.0, False, None, 28, 3.5, 512, "full"),
         Preset("2k", 2048, "urae-2k", 10.0, True, 3.0, 28, 3.5, 512, "auto"),
-        Preset("4k", 4096, "urae-4k", 10.0, True, 3.0, 28, 3.5, 512, "tiled"),
+        Preset("4k", 4096, "urae-4k", 10.0, True, 3.0, 28, 3.5, 512, "auto"),
         Preset("1k-schnell", 1024, None, 1.0, False, None, 4, 0.0, 256, "full"),
         Preset("2k-schnell", 2048, "urae-2k", 10.0, True, 1.0, 4, 0.0, 256, "auto"),
-        Preset("4k-schnell", 4096, "urae-4k-schnell", 10.0, True, 1.0, 4, 0.0, 256, "tiled"),
+        Preset("4k-schnell", 4096, "urae-4k-schnell", 10.0, True, 1.0, 4, 0.0, 256, "auto"),
     ]
 }
 

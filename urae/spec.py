@@ -20,7 +20,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_IMAGES = 4
 MAX_NTK_FACTOR = 100.0
 MAX_SEQUENCE_LENGTHS = (64, 128, 256, 512)
-VAE_DECODE_MODES = ("auto", "full", "tiled", "patched")
+VAE_DECODE_MODES = ("auto", "full", "exact", "tiled", "patched")
 MAX_SEED = 2**63 - 1
 
 

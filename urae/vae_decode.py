@@ -1,16 +1,15 @@
-"""Memory-bounded VAE decoding for 2K/4K latents.
+"""VAE decoding strategies for 2K/4K latents.
 
 A plain decode holds the decoder's full-resolution feature maps (128 channels x H x W for FLUX's VAE:
-several GB at 4096 px) at once. ``tiled_decode`` decodes overlapping latent tiles one at a time and
-blends each into a preallocated image with linear feathering over the overlap, so the peak is one
-tile's activations plus the output image. Unlike diffusers' ``AutoencoderKL.tiled_decode`` it does
-not keep every decoded tile alive until the end, and it handles any latent shape (odd sizes, sizes
-smaller than a tile).
+several GB at 4096 px) at once. The strategies (``mode``):
 
-The VAE decoder contains GroupNorm, whose statistics are taken over the tile rather than the whole
-image, so tiled output differs slightly from a plain decode; large tiles with a wide overlap keep the
-difference small (measured in bench/vae_decode.py). ``patched`` is the other strategy URAE's
-reference uses: the decoder's convolutions run in bands, exact but with a much higher peak.
+- ``full``: the plain decode, used up to the 2K pixel budget at every aspect ratio.
+- ``exact``: the same numbers band by band in bounded memory (``urae.vae_exact``); ``auto`` picks it
+  above the 2K budget.
+- ``tiled``: overlapping latent tiles blended with linear feathering into a preallocated image.
+  GroupNorm statistics are then per tile, so the output differs slightly from a plain decode; it is
+  the fallback when the exact decode runs out of memory (``auto``), and an explicit option.
+- ``patched``: only the decoder's convolutions in bands; exact but with most of the plain peak.
 """
 
 from __future__ import annotations
@@ -22,9 +21,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-# Above this many output pixels "auto" decodes in tiles (2K and below decode in one pass).
-AUTO_TILE_ABOVE_PIXELS = 2048 * 2048
+from urae.vae_exact import exact_decode, exact_encode
+
+# The 2K presets keep 2048 x 2048 pixels at every aspect ratio, rounded to multiples of 16 (up to
+# ~1% more, e.g. 2368 x 1776 at 4:3): "auto" decodes in full up to this many pixels.
+FULL_DECODE_MAX_PIXELS = int(2048 * 2048 * 1.02)
+DECODE_MODES = ("auto", "full", "exact", "tiled", "patched")
 
 
 @dataclass(frozen=True)
@@ -34,11 +38,11 @@ class TileConfig:
 
 
 def choose_mode(mode: str, height: int, width: int) -> str:
-    """Resolve ``auto`` into ``full`` or ``tiled`` from the output size."""
+    """Resolve ``auto`` by pixel count: ``full`` within the 2K budget, ``exact`` above it."""
     if mode == "auto":
-        return "tiled" if height * width > AUTO_TILE_ABOVE_PIXELS else "full"
-    if mode not in ("full", "tiled", "patched"):
-        raise ValueError(f"vae decode mode {mode!r} is not one of auto, full, tiled, patched")
+        return "exact" if height * width > FULL_DECODE_MAX_PIXELS else "full"
+    if mode not in DECODE_MODES:
+        raise ValueError(f"vae decode mode {mode!r} is not one of {', '.join(DECODE_MODES)}")
     return mode
 
 
@@ -77,7 +81,7 @@ def patched_convolutions(vae: AutoencoderKL, rows: int = PATCH_ROWS) -> Iterator
     Exact (unlike tiling, GroupNorm still sees the whole map), but every full-resolution activation
     still exists at once: it only removes the convolutions' temporaries. Measured at 4096 px on the
     tiny model: 85 % of the plain decode's peak, against 26 % for tiling (bench/vae_decode.py), so
-    ``auto`` tiles and this is the exact alternative for a GPU with the memory for it.
+    ``exact`` (every activation in bands) replaces it as the exact decode; this stays for comparison.
     """
     patched = []
     for module in vae.decoder.modules():
@@ -170,18 +174,57 @@ def tiled_decode(
 
 
 @torch.no_grad()
-def decode_latents(
+def decode_latents_reporting_mode(
     vae: AutoencoderKL, latents: torch.Tensor, mode: str = "auto", config: TileConfig = TileConfig()
-) -> torch.Tensor:
-    """Decode unpacked FLUX latents (B, C, h, w) to images in [-1, 1], undoing scaling and shift."""
+) -> tuple[torch.Tensor, str]:
+    """Decode unpacked FLUX latents (B, C, h, w) to images in [-1, 1], undoing scaling and shift;
+    also return the strategy that produced them.
+
+    With ``auto``, a decode that runs out of device memory is retried in tiles (the returned mode
+    then says ``tiled``); an explicitly requested mode is never swapped for another.
+    """
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
     latents = latents.to(vae.dtype)
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     resolved = choose_mode(mode, latents.shape[2] * scale, latents.shape[3] * scale)
     if resolved == "tiled":
-        return tiled_decode(vae, latents, config)
-    decoder_input = vae.post_quant_conv(latents) if vae.config.use_post_quant_conv else latents
+        return tiled_decode(vae, latents, config), resolved
     if resolved == "patched":
         with patched_convolutions(vae):
-            return vae.decoder(decoder_input).float()
+            return _plain_decode(vae, latents), resolved
+    try:
+        if resolved == "exact":
+            return exact_decode(vae, latents), resolved
+        return _plain_decode(vae, latents), resolved
+    except torch.OutOfMemoryError:
+        if mode != "auto":
+            raise
+    # Outside the except block: its traceback would keep the failed attempt's tensors alive.
+    if latents.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return tiled_decode(vae, latents, config), "tiled"
+
+
+def _plain_decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    decoder_input = vae.post_quant_conv(latents) if vae.config.use_post_quant_conv else latents
     return vae.decoder(decoder_input).float()
+
+
+def decode_latents(
+    vae: AutoencoderKL, latents: torch.Tensor, mode: str = "auto", config: TileConfig = TileConfig()
+) -> torch.Tensor:
+    """Decode unpacked FLUX latents (B, C, h, w) to images in [-1, 1], undoing scaling and shift."""
+    return decode_latents_reporting_mode(vae, latents, mode, config)[0]
+
+
+@torch.no_grad()
+def encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor, mode: str = "auto") -> DiagonalGaussianDistribution:
+    """The VAE posterior of images (B, 3, H, W) in [-1, 1]: a plain ``vae.encode`` (``full``) or the
+    same numbers band by band in bounded memory (``exact``); ``auto`` picks by pixel count like the
+    decode."""
+    resolved = choose_mode(mode, pixels.shape[2], pixels.shape[3])
+    if resolved == "exact":
+        return exact_encode(vae, pixels.to(vae.dtype))
+    if resolved != "full":
+        raise ValueError(f"vae encode mode {mode!r} is not one of auto, full, exact")
+    return vae.encode(pixels.to(vae.dtype)).latent_dist

@@ -24,3 +24,4 @@ def test_gpu_generate_runs_tiny_on_cpu():
 def test_vae_decode_bench_reports_bounded_memory():
     out = _run("bench/vae_decode.py", "--size", "1024")
     assert "tiled/full peak RSS" in out and "|tiled - full| max" in out
+    assert "exact/full peak RSS" in out and "|exact - full| max" in out

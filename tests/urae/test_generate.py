@@ -172,7 +172,7 @@ def test_4k_preset_end_to_end_with_the_urae_4k_adapter(tiny_generator, tmp_path)
     result = tiny_generator.generate(spec, on_progress=events.append)
     assert result.images[0].size == (4096, 4096)
     meta = result.metadata[0]
-    assert meta["vae_decode"] == "tiled" and meta["shift"] == 3.0 and meta["ntk_factor"] == 10.0
+    assert meta["vae_decode"] == "exact" and meta["shift"] == 3.0 and meta["ntk_factor"] == 10.0
     assert [a["name"] for a in meta["adapters"]] == ["urae-4k"] and len(meta["adapters"][0]["sha256"]) == 64
     path = save_image(result.images[0], meta, tmp_path / "lake.png")
     assert read_metadata(path) == meta

@@ -17,7 +17,7 @@ def test_table_holds_the_urae_settings():
         # schnell's own shift, as the reference runs it (its time_shift=10 is never read).
         assert (PRESETS[name].ntk_factor, PRESETS[name].proportional_attention, PRESETS[name].shift) == (10.0, True, 1.0)
         assert (row.steps, row.guidance, row.max_sequence_length) == (28, 3.5, 512)
-    assert PRESETS["4k"].vae_decode == "tiled"
+    assert PRESETS["4k"].vae_decode == PRESETS["4k-schnell"].vae_decode == "auto"  # exact, tiles on OOM
     assert PRESETS["1k"].shift is None and PRESETS["1k"].adapter is None
     for name in ("1k-schnell", "2k-schnell", "4k-schnell"):
         assert (PRESETS[name].steps, PRESETS[name].guidance, PRESETS[name].max_sequence_length) == (

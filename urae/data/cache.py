@@ -27,7 +27,7 @@ from tqdm import tqdm
 from urae.data.buckets import fit_to_bucket, nearest_bucket
 from urae.data.dataset import DatasetItem
 from urae.errors import DatasetError
-from urae.vae_decode import AUTO_TILE_ABOVE_PIXELS
+from urae.vae_decode import encode_pixels
 
 CACHE_FORMAT = "urae-cache-1"
 
@@ -97,19 +97,18 @@ def encode_prompt(pipe: FluxPipeline, prompt: str, max_sequence_length: int) -> 
 
 
 def encode_posterior(vae: AutoencoderKL, image: Image.Image, tiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of ``image``. ``tiled`` None: tile above 2048x2048 pixels.
+    """Posterior mean and std of ``image``.
 
-    Tiling bounds the encoder's memory at 4K; diffusers' tiled encode blends the tiles' moments.
+    ``tiled`` None: a plain encode within the 2K pixel budget, above it the exact banded encode (the
+    same numbers in bounded memory, see urae.vae_exact); True: diffusers' tiled encode, which blends
+    the tiles' moments (not exact); False: a plain encode at any size.
     """
-    if tiled is None:
-        tiled = image.width * image.height > AUTO_TILE_ABOVE_PIXELS
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(vae.device, vae.dtype)
     was_tiling = vae.use_tiling
-    vae.use_tiling = tiled
+    vae.use_tiling = bool(tiled)
     try:
-        with torch.no_grad():
-            posterior = vae.encode(pixels).latent_dist
+        posterior = encode_pixels(vae, pixels, "auto" if tiled is None else "full")
     finally:
         vae.use_tiling = was_tiling
     return posterior.mean[0], posterior.std[0]

@@ -186,6 +186,18 @@ function setProgress(card, progress) {
   card.querySelector(".progress-label").textContent = `${label} ${progress.step}/${progress.total}`;
 }
 
+// A live preview (event: preview): a small JPEG of the latents as the image forms.
+function setPreview(card, preview) {
+  if (card.querySelector(".results img")) return; // the final image is already shown
+  const img = card.querySelector(".preview");
+  img.src = preview.image;
+  img.width = preview.width;
+  img.height = preview.height;
+  img.title = `preview after step ${preview.step} of ${preview.total}`;
+  img.dataset.step = String(preview.step);
+  img.hidden = false;
+}
+
 async function cancel(card) {
   const button = card.querySelector(".cancel");
   button.disabled = true;
@@ -224,6 +236,7 @@ async function follow(card, job) {
           buffer = buffer.slice(end + 2);
           if (!event) continue;
           if (event.name === "progress") setProgress(card, event.data);
+          else if (event.name === "preview") setPreview(card, event.data);
           else if (event.name === "status") setStatus(card, event.data.status);
         }
       }
@@ -273,6 +286,8 @@ async function showResult(card, job) {
   }
   const results = card.querySelector(".results");
   results.textContent = "";
+  // The final image replaces the preview; a canceled or failed job keeps its last preview.
+  if ((result.images || []).length) card.querySelector(".preview").hidden = true;
   for (const image of result.images || []) {
     // Image URLs need the Authorization header too, so they are fetched and shown as blob URLs.
     const response = await api(image.url);

@@ -86,6 +86,7 @@ def test_generate_with_live_progress_see_the_image_then_cancel_another(
 
     card = page.locator(".job").first
     page.wait_for_selector(".job[data-status='finished'] .results img", timeout=90_000)
+    assert card.locator("img.preview").is_hidden()  # the image replaced the preview
     assert card.locator("progress").evaluate("bar => bar.value") == 100
     seen = page.evaluate("window.progressSeen")
     assert seen[-1] == 100 and any(0 < v < 100 for v in seen), seen
@@ -113,6 +114,13 @@ def test_generate_with_live_progress_see_the_image_then_cancel_another(
         timeout=60_000,
     )
     long_card = page.locator(".job").first
+    # The image forms before our eyes: a live preview (every 4 steps by default), 256 px for 512 px.
+    page.wait_for_selector(".job img.preview:not([hidden])", timeout=60_000)
+    preview = long_card.locator("img.preview")
+    preview.evaluate("img => img.decode()")
+    assert preview.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [256, 256]
+    assert preview.get_attribute("src").startswith("data:image/jpeg;base64,")
+    assert int(preview.get_attribute("data-step")) % 4 == 0
     long_card.locator(".cancel").click()
     page.wait_for_selector(".job[data-status='canceled']", timeout=60_000)
     assert long_card.locator(".results img").count() == 0

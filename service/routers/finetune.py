@@ -22,7 +22,7 @@ from service.admission import ApiError, check_adapters_exist, check_queue_depth
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDep
 from service.routers.jobs import job_public
 from service.schemas import ErrorBody, FinetuneRecipe, JobPublic
-from service.uploads import ArchiveLimits, UploadError, extract_dataset, spooled_upload
+from service.uploads import ArchiveLimits, UploadError, extract_dataset, min_image_long_side, spooled_upload
 from service.webhook_admission import check_webhook
 
 router = APIRouter(tags=["finetune"])
@@ -74,7 +74,8 @@ def submit_finetune(
     if dataset is not None:
         name = dataset_name or f"{adapter_name}-{job_id[:8]}"
         dest = storage.path(dataset_prefix(name))
-        limits = ArchiveLimits(settings.max_dataset_files, settings.max_dataset_uncompressed_bytes)
+        limits = ArchiveLimits(settings.max_dataset_files, settings.max_dataset_uncompressed_bytes,
+                               min_image_long_side(parsed.recipe, parsed.resolution))
         try:
             with spooled_upload(dataset.file, storage.path("uploads"), settings.max_dataset_bytes, "the dataset upload") as tmp:
                 extract_dataset(tmp, dest, limits)

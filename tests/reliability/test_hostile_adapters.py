@@ -70,7 +70,7 @@ HOSTILE = [
     ("nan", "nan or infinity"),
     ("other-model", "does not fit this base model"),
     ("huge-header-length", "header length"),
-    ("huge-header", "not lora or urae keys"),
+    ("huge-header", "an adapter has at most"),
     ("sdxl-keys", "not lora or urae keys"),
     ("empty", "shorter than"),
 ]

@@ -17,11 +17,20 @@ from urllib.parse import quote
 
 import pytest
 import redis
+from PIL import Image
 
 from tests.conftest import API_KEY, auth, make_settings
 from tests.reliability.conftest import SMALL, files_under
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+
+def png_bytes(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (20, 120, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# A real image, its longer side as large as the default training resolution asks (1024 px).
+PNG = png_bytes(1024, 8)
 # Served without a key on purpose: liveness, and static files that hold no data (the playground page
 # and its assets, the API's own description). Anything else must ask for a key.
 PUBLIC_PATHS = {"/health", "/", "/playground/{name}", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}

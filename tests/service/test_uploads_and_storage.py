@@ -11,11 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from jobstore.storage import LocalStorage, StorageKeyError
 from service.uploads import ArchiveLimits, UploadError, check_safetensors, extract_dataset
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+
+def png_bytes(width: int = 8, height: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+PNG = png_bytes()
 LIMITS = ArchiveLimits(max_files=10, max_total_bytes=10_000)
 
 

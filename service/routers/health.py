@@ -15,6 +15,7 @@ from jobstore.contract import (
     JobKind,
     JobStatus,
 )
+from jobstore.metrics import peak_memory_lines
 from jobstore.queues import rq_queue_key
 from jobstore.workers import live_workers
 from service.admission import serving_workers
@@ -82,4 +83,5 @@ def metrics(_: ApiKeyDep, conn: RedisDep) -> PlainTextResponse:
               "# HELP urae_adapter_cache_misses_total Adapter requests that loaded the adapter.",
               "# TYPE urae_adapter_cache_misses_total counter",
               f"urae_adapter_cache_misses_total {sum(int(w.get('adapter_misses', 0)) for w in workers)}"]
+    lines += peak_memory_lines(conn)
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

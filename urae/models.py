@@ -76,6 +76,31 @@ def _cached_hub_weights(model_id: str) -> list[Path]:
     return sorted((folder / "transformer").glob("*.safetensors"))
 
 
+def stored_transformer_tensors(model_id: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named transformer tensors as stored (dtype unchanged), on the CPU.
+
+    From a local diffusers folder or the local hub cache, whose keys are the module paths; empty when
+    the weights are elsewhere (a single-file checkpoint names its tensors differently, the tiny models
+    have no files). Lets a computation start from a float32 base that the pipeline loaded in bf16.
+    """
+    path = Path(model_id)
+    if path.is_dir():
+        files = sorted((path / "transformer").glob("*.safetensors"))
+    elif model_id in TINY_MODEL_IDS or path.is_file():
+        return {}
+    else:
+        files = _cached_hub_weights(model_id)
+    from safetensors import safe_open
+
+    wanted = set(names)
+    found: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in wanted.intersection(f.keys()):
+                found[key] = f.get_tensor(key)
+    return found
+
+
 def is_schnell(pipe: FluxPipeline) -> bool:
     """schnell has no guidance embedding (it is timestep-distilled, run with guidance 0)."""
     return not pipe.transformer.config.guidance_embeds

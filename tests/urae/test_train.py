@@ -445,3 +445,33 @@ def test_minor_components_of_a_fused_base_are_split_before_any_rounding() -> Non
         worst_rounded = max(worst_rounded, float(np.abs((u[:, -rank:] * s[-rank:]) @ vh[-rank:] - minor).max()))
     assert worst < 1e-5
     assert worst_rounded > 1e-4, "rounding must matter at this size for the test to mean anything"
+
+
+def test_a_float32_base_trained_in_bf16_is_split_from_its_float32_weights(dataset: Path, tmp_path: Path) -> None:
+    """The frozen base is bf16, but the minor components are those of the weights as stored."""
+    rank = 4
+    pipe = build_tiny_pipeline("tiny")
+    with torch.no_grad():  # float32 weights that bf16 cannot hold, as a fine-tuned base has
+        for p in pipe.transformer.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 1e-3)
+    folder = tmp_path / "my-flux"
+    pipe.save_pretrained(folder)
+    weights = {k: v.double().numpy() for k, v in pipe.transformer.state_dict().items()}
+    # A learning rate so small that the trained factors are the initial ones to ~1e-12.
+    config = tiny_config(dataset, tmp_path / "out", tmp_path / "cache", model_id=str(folder), adapter_kind="minor_components",
+                         rank=rank, steps=1, mixed_precision="bf16", learning_rate=1e-12)
+    train(config)
+    state = load_checkpoint(list_checkpoints(config.output_dir)[-1][1])[0]
+
+    worst = worst_rounded = 0.0
+    for path in resolve_targets(pipe.transformer, "urae"):
+        w = weights[f"{path}.weight"]
+        u, s, vh = np.linalg.svd(w, full_matrices=False)
+        minor = (u[:, -rank:] * s[-rank:]) @ vh[-rank:]
+        init = (state[f"{path}.lora_B"].double() @ state[f"{path}.lora_A"].double()).numpy()
+        worst = max(worst, float(np.abs(init - minor).max()))
+        rounded = torch.from_numpy(w).to(torch.bfloat16).double().numpy()
+        u, s, vh = np.linalg.svd(rounded, full_matrices=False)
+        worst_rounded = max(worst_rounded, float(np.abs((u[:, -rank:] * s[-rank:]) @ vh[-rank:] - minor).max()))
+    assert worst < 1e-5
+    assert worst_rounded > 1e-4, "rounding must matter at this size for the test to mean anything"

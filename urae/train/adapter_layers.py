@@ -99,6 +99,7 @@ def install_adapters(
     scale: float = 1.0,
     seed: int = 0,
     fused: Mapping[str, LoraFactors] | None = None,
+    stored: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, LowRankLinear]:
     """Replace each target linear layer by a :class:`LowRankLinear`; return them by module path.
 
@@ -108,9 +109,12 @@ def install_adapters(
     ``minor_components``: SVD split of the (fused) weight; base <- major part, (B, A) <- the r
     smallest singular components split by sqrt(S); scale is 1 and base + B A equals W at init. Fuse
     and split are ONE float64 computation on the unrounded sum: only the major part is rounded, to
-    the weight's dtype; B and A are float32.
+    the weight's dtype; B and A are float32. ``stored`` (module path -> weight) gives a target's
+    weight at the precision it is stored in, when the model was loaded rounded (a float32 base
+    trained in bf16): the split then starts from it.
     """
     fused = fused or {}
+    stored = stored or {}
     generator = torch.Generator().manual_seed(seed)
     layers: dict[str, LowRankLinear] = {}
     for path in paths:
@@ -123,6 +127,10 @@ def install_adapters(
             raise InvalidSpecError("rank", f"{rank} exceeds the size of {path} {tuple(base.weight.shape)}")
         layer = LowRankLinear(base, rank, scale if kind == "lora" else 1.0)
         w64 = base.weight.to(torch.float64)
+        if path in stored:
+            if tuple(stored[path].shape) != tuple(w64.shape):
+                raise InvalidSpecError("model_id", f"the stored weight of {path} does not match the loaded model")
+            w64 = stored[path].to(w64.device, torch.float64)
         if path in fused:
             up, down = fused[path]
             if (up.shape[0], down.shape[1]) != tuple(w64.shape):

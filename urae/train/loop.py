@@ -154,6 +154,7 @@ def train(
         config.lora_scale,
         config.seed,
         fused={k: v for k, v in base_factors.items() if k in paths},
+        stored=_stored_target_weights(config, paths, weight_dtype),
     )
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -337,6 +338,22 @@ def _training_guidance(config: TrainConfig, transformer: FluxTransformer2DModel)
             config.guidance,
         )
     return config.guidance
+
+
+def _stored_target_weights(config: TrainConfig, paths: list[str], weight_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The targets' weights as stored, when the SVD split would otherwise see them rounded.
+
+    FLUX.1 is published in bf16, so a bf16 run loads it exactly; a float32 base (a user's own
+    fine-tune) trained in bf16 is split from its float32 weights instead.
+    """
+    from urae.models import stored_dtype, stored_transformer_tensors
+
+    if config.adapter_kind != "minor_components":
+        return {}
+    if torch.finfo(stored_dtype(config.model_id)).bits <= torch.finfo(weight_dtype).bits:
+        return {}
+    found = stored_transformer_tensors(config.model_id, [f"{p}.weight" for p in paths])
+    return {p: found[f"{p}.weight"] for p in paths if f"{p}.weight" in found}
 
 
 def _load_base_adapter(config: TrainConfig, transformer: nn.Module) -> dict[str, LoraFactors]:

@@ -10,9 +10,12 @@ the deleted adapter; a job already running keeps the weights it loaded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
 import redis
 import redis.asyncio as aioredis
 from fastapi import APIRouter, File, Form, Path, Request, UploadFile
@@ -45,6 +48,17 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 # How often a waiting upload looks at its import job.
 _IMPORT_POLL_S = 0.05
+# Upload checks (spooling, header parsing, storing) share at most this many pool threads: a burst of
+# uploads waits for them without holding a thread, and never takes the pool from light requests.
+UPLOAD_THREADS = 4
+_upload_limiter: anyio.CapacityLimiter | None = None
+
+
+def _upload_threads() -> anyio.CapacityLimiter:
+    global _upload_limiter
+    if _upload_limiter is None:  # made in the event loop (anyio needs one)
+        _upload_limiter = anyio.CapacityLimiter(UPLOAD_THREADS)
+    return _upload_limiter
 
 AdapterName = Annotated[str, Path(pattern=ADAPTER_NAME_PATTERN, description="lower-case letters, digits, - and _")]
 ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
@@ -110,9 +124,10 @@ async def adapter_upload(
 ) -> JSONResponse:
     """Upload an adapter. The header is checked here; a worker checks that it fits the base model and
     converts a minor-component file into the served form (a plain LoRA)."""
-    job_id = await run_in_threadpool(
+    accept = functools.partial(
         _accept_upload, file, name, settings, conn, records, storage, description, replace, base_adapter
     )
+    job_id = await anyio.to_thread.run_sync(accept, limiter=_upload_threads())
     # Waiting for the worker holds no server thread: the event loop polls the job's status.
     await _wait_until_ended(request.app.state.aredis, job_id, settings.adapter_import_wait_s)
     return await run_in_threadpool(_import_answer, job_id, name, conn, records)

@@ -376,21 +376,23 @@ def test_40_uploads_waiting_for_a_busy_worker_starve_no_other_request(api: MainA
         wait_progress(http, busy, step=1)
         data = tiny_safetensors()
 
+        # Clients made before the clock starts: making 40 (an SSL context each) stalls this process.
+        uploader = httpx.Client(base_url=api.url, headers=auth(), timeout=60, limits=httpx.Limits(max_connections=50))
+        probers = {path: httpx.Client(base_url=api.url, headers=auth(), timeout=60) for path in ("/health", f"/jobs/{busy}")}
+
         def upload(i: int) -> int:
-            with httpx.Client(base_url=api.url, headers=auth(), timeout=60) as own:
-                return own.post("/adapters", files={"file": ("a.safetensors", data)},
-                                data={"name": f"waiting-{i}"}).status_code
+            return uploader.post("/adapters", files={"file": ("a.safetensors", data)},
+                                 data={"name": f"waiting-{i}"}).status_code
 
         latencies: dict[str, list[float]] = {"/health": [], f"/jobs/{busy}": []}
         uploading = threading.Event()
 
         def probe(path: str) -> None:
-            with httpx.Client(base_url=api.url, headers=auth(), timeout=60) as own:
-                while uploading.is_set():
-                    t0 = time.monotonic()
-                    assert own.get(path).status_code == 200
-                    latencies[path].append(time.monotonic() - t0)
-                    time.sleep(0.005)
+            while uploading.is_set():
+                t0 = time.monotonic()
+                assert probers[path].get(path).status_code == 200
+                latencies[path].append(time.monotonic() - t0)
+                time.sleep(0.005)
 
         uploading.set()
         with ThreadPoolExecutor(42) as pool:
@@ -402,6 +404,8 @@ def test_40_uploads_waiting_for_a_busy_worker_starve_no_other_request(api: MainA
             uploading.clear()
             for p in probes:
                 p.result()
+        for client in (uploader, *probers.values()):
+            client.close()
         http.delete(f"/jobs/{busy}")
     p99 = {path: statistics.quantiles(seen, n=100)[98] for path, seen in latencies.items()}
     print({path: [round(v * 1000) for v in sorted(seen)[-5:]] for path, seen in latencies.items()})

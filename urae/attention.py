@@ -39,12 +39,25 @@ def proportional_scale(num_tokens: int, head_dim: int, base: int = BASE_SEQUENCE
 class ProportionalAttnProcessor(FluxAttnProcessor):
     """FLUX attention with the softmax scale chosen from the joint sequence length.
 
-    Same projections, norms and rotary embedding as the stock processor; only ``scale`` differs.
+    Same projections, norms and rotary embedding as the stock processor; only the logit scale
+    differs. Three modes, switched in place (never by replacing the processor, which would drop the
+    attention backend and any parallel config set on it):
+
+    - ``stock``: the stock scale 1/sqrt(d);
+    - ``length``: the scale of this call's sequence length (eager use, e.g. training);
+    - ``tensor``: the query is multiplied by ``logit_ratio``, a 0-dim tensor on the model's device that
+      the caller fills with sqrt(log_base N) for the request's N. A compiled graph reads it as an input,
+      so it is not specialised per sequence length, and under context parallelism N is the global
+      length the caller knows, not the local shard's.
     """
 
-    def __init__(self, base: int = BASE_SEQUENCE_LENGTH):
+    MODES = ("stock", "length", "tensor")
+
+    def __init__(self, base: int = BASE_SEQUENCE_LENGTH, mode: str = "length"):
         super().__init__()
         self.base = base
+        self.mode = mode
+        self.logit_ratio: torch.Tensor | None = None
 
     def __call__(
         self,
@@ -73,9 +86,14 @@ class ProportionalAttnProcessor(FluxAttnProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        # Single-stream blocks receive text + image already concatenated; double-stream blocks were
-        # concatenated above. Either way dim 1 is the joint length N.
-        scale = proportional_scale(query.shape[1], attn.head_dim, self.base)
+        scale: float | None = None
+        if self.mode == "tensor" and self.logit_ratio is not None:
+            # Scaling q by r scales every logit by r: the same as passing scale=r/sqrt(d).
+            query = query * self.logit_ratio.to(query.dtype)
+        elif self.mode == "length":
+            # Single-stream blocks receive text + image already concatenated; double-stream blocks
+            # were concatenated above. Either way dim 1 is the joint length N.
+            scale = proportional_scale(query.shape[1], attn.head_dim, self.base)
         hidden_states = dispatch_attention_fn(
             query,
             key,
@@ -104,23 +122,65 @@ def set_ntk_factor(transformer: FluxTransformer2DModel, factor: float) -> None:
     transformer.pos_embed.theta = BASE_THETA * factor
 
 
-def set_proportional_attention(transformer: FluxTransformer2DModel, enabled: bool) -> None:
-    """Switch every attention module between the stock and the proportional processor.
+def logit_ratio(num_tokens: int, base: int = BASE_SEQUENCE_LENGTH) -> float:
+    """sqrt(log_base N): the proportional scale divided by the stock one (exactly 1.0 at N == base)."""
+    return math.sqrt(math.log(num_tokens) / math.log(base))
 
-    Only switches when needed, so repeated calls with the same value cost nothing.
+
+def proportional_processors(transformer: FluxTransformer2DModel) -> list[ProportionalAttnProcessor]:
+    """The proportional processor of every attention module, installed once where missing.
+
+    A stock processor is converted by copying its attention backend and parallel config, so nothing
+    chosen earlier is lost; afterwards the processors are only ever switched in place.
     """
+    processors = []
     for module in transformer.modules():
-        if isinstance(module, FluxAttention):
-            is_prop = isinstance(module.processor, ProportionalAttnProcessor)
-            if enabled and not is_prop:
-                module.set_processor(ProportionalAttnProcessor())
-            elif not enabled and is_prop:
-                module.set_processor(FluxAttnProcessor())
+        if not isinstance(module, FluxAttention):
+            continue
+        processor = module.processor
+        if not isinstance(processor, ProportionalAttnProcessor):
+            replacement = ProportionalAttnProcessor(mode="stock")
+            replacement._attention_backend = getattr(processor, "_attention_backend", None)
+            replacement._parallel_config = getattr(processor, "_parallel_config", None)
+            module.set_processor(replacement)
+            processor = replacement
+        processors.append(processor)
+    return processors
+
+
+def set_proportional_attention(
+    transformer: FluxTransformer2DModel, enabled: bool, num_tokens: int | None = None
+) -> None:
+    """Switch proportional attention on the existing processors.
+
+    Without ``num_tokens`` the scale comes from each call's sequence length (eager use). With it, every
+    processor reads one shared 0-dim tensor holding sqrt(log_base N) (1.0 when disabled): switching
+    presets, sizes or on/off only writes that value, so a compiled transformer never recompiles.
+    """
+    processors = proportional_processors(transformer)
+    if num_tokens is None:
+        for processor in processors:
+            processor.mode = "length" if enabled else "stock"
+        return
+    ratio = processors[0].logit_ratio if processors else None
+    if ratio is None:
+        device = next(transformer.parameters()).device
+        ratio = torch.ones((), dtype=torch.float32, device=device)
+    ratio.fill_(logit_ratio(num_tokens, processors[0].base) if enabled else 1.0)
+    for processor in processors:
+        processor.mode = "tensor"
+        processor.logit_ratio = ratio
 
 
 def apply_high_res_settings(
-    transformer: FluxTransformer2DModel, ntk_factor: float = 1.0, proportional_attention: bool = False
+    transformer: FluxTransformer2DModel,
+    ntk_factor: float = 1.0,
+    proportional_attention: bool = False,
+    num_tokens: int | None = None,
 ) -> None:
-    """Apply both URAE attention settings (used for generation and for 4K training)."""
+    """Apply both URAE attention settings (used for generation and for 4K training).
+
+    ``num_tokens`` (text + image tokens of the request) selects the graph-stable tensor mode.
+    """
     set_ntk_factor(transformer, ntk_factor)
-    set_proportional_attention(transformer, proportional_attention)
+    set_proportional_attention(transformer, proportional_attention, num_tokens)

@@ -64,6 +64,14 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="built-in name (urae-2k, urae-4k) or .safetensors path; repeatable",
     )
     p.add_argument("--no-preset-adapter", action="store_true", help="do not apply the preset's URAE adapter")
+    p.add_argument(
+        "--tier", default="quality", choices=["quality", "fast", "turbo"],
+        help="quality (default); fast: fp8, GPUs with compute capability >= 8.9; turbo: step cache",
+    )
+    p.add_argument(
+        "--compile", default="auto", choices=["auto", "on", "off"],
+        help="compile the transformer blocks (auto: on CUDA)",
+    )
     p.add_argument("-o", "--output", type=Path, default=Path("urae.png"))
     p.add_argument("--format", choices=["png", "jpeg", "webp"], help="default: from the output suffix")
     add_model_arguments(p)
@@ -109,10 +117,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ntk_factor=args.ntk_factor,
             shift=args.shift,
             vae_decode=args.vae_decode,
+            tier=args.tier,
         )
 
     build_spec(schnell=False)  # bad input fails here, before a model is loaded
-    generator = Generator.load(args.model, device=device, dtype=dtype, offload=args.offload)
+    generator = Generator.load(
+        args.model, device=device, dtype=dtype, offload=args.offload, tiers=[args.tier],
+        compile={"auto": None, "on": True, "off": False}[args.compile],
+    )
     spec = build_spec(generator.schnell)
     bar = tqdm(total=spec.steps * spec.num_images, desc=f"{spec.width}x{spec.height}", unit="step")
 

@@ -122,3 +122,10 @@ class AdapterNotLoadedError(AdapterError):
 
 class AdapterLoadError(AdapterError):
     """A validated adapter still failed to load into the pipeline; it was removed again."""
+
+
+class TierUnavailableError(InvalidSpecError):
+    """The requested speed tier cannot run here (e.g. fp8 on a device without it). ``field`` is tier."""
+
+    def __init__(self, message: str):
+        super().__init__("tier", message)

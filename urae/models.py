@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -143,3 +144,78 @@ def load_pipeline(
     else:
         pipe.to(device)
     return pipe
+
+
+# Best first. FA3 (Hopper) through diffusers' attention backends when its kernels are installed
+# (flash_attn_interface, or the hub build in the image), then cuDNN attention, FA2, then PyTorch's SDPA.
+CUDA_ATTENTION_BACKENDS = ("_flash_3", "_flash_3_hub", "_native_cudnn", "flash", "native")
+
+
+def attention_backend_works(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``backend`` runs here: its requirements import and a small attention call succeeds."""
+    from diffusers.models.attention_dispatch import (
+        AttentionBackendName,
+        _check_attention_backend_requirements,
+        dispatch_attention_fn,
+    )
+
+    try:
+        name = AttentionBackendName(backend)
+        _check_attention_backend_requirements(name)
+        q = torch.randn(1, 128, 2, 128, device=device, dtype=dtype)
+        out = dispatch_attention_fn(q, q, q, scale=None, backend=name)
+        return bool(torch.isfinite(out).all())
+    except Exception:  # any failure (missing package, kernel, GPU arch, dtype) means: not this one
+        return False
+
+
+def choose_attention_backend(
+    transformer: FluxTransformer2DModel, device: torch.device | None = None, preference: str = "auto"
+) -> str:
+    """Set and return the attention backend of every attention module of ``transformer``.
+
+    ``auto``: on CUDA the first of :data:`CUDA_ATTENTION_BACKENDS` that works (FA3, cuDNN, FA2,
+    SDPA); elsewhere ``native`` (PyTorch SDPA). A named backend that does not work raises
+    :class:`ModelLoadError`.
+    """
+    param = next(transformer.parameters())
+    device, dtype = device or param.device, param.dtype
+    if preference != "auto":
+        if not attention_backend_works(preference, device, dtype):
+            raise ModelLoadError(f"attention backend {preference!r} does not run on {device} with {dtype}")
+        chosen = preference
+    elif device.type != "cuda":
+        chosen = "native"
+    else:
+        half = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        chosen = next(b for b in CUDA_ATTENTION_BACKENDS if b == "native" or attention_backend_works(b, device, half))
+    # diffusers logs a warning on every call that attention backends are experimental.
+    diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
+    level = diffusers_log.level
+    diffusers_log.setLevel(logging.ERROR)
+    try:
+        transformer.set_attention_backend(chosen)
+    finally:
+        diffusers_log.setLevel(level)
+    return chosen
+
+
+def compile_blocks(transformer: FluxTransformer2DModel, backend: str = "inductor") -> int:
+    """Regional compilation: each repeated block (diffusers' ``_repeated_blocks``) compiled, fullgraph.
+
+    The same blocks as ``transformer.compile_repeated_blocks(fullgraph=True)``, but the block's
+    ``forward`` is compiled rather than the module call: diffusers' step-cache hooks (turbo) then wrap
+    the compiled code from outside instead of being traced into it (First Block Cache's skip decision
+    is a graph break, which fullgraph refuses). Sequence lengths are dynamic: one graph serves every
+    size. ``backend``: torch.compile's (tests use "eager" to check guards without code generation).
+    Returns the number of compiled blocks.
+    """
+    names = set(getattr(transformer, "_repeated_blocks", ()))
+    count = 0
+    for module in transformer.modules():
+        if type(module).__name__ in names:
+            module.forward = torch.compile(module.forward, fullgraph=True, dynamic=True, backend=backend)
+            count += 1
+    if not count:
+        raise ModelLoadError(f"{type(transformer).__name__} has no repeated blocks to compile")
+    return count

@@ -21,6 +21,7 @@ MAX_IMAGES = 4
 MAX_NTK_FACTOR = 100.0
 MAX_SEQUENCE_LENGTHS = (64, 128, 256, 512)
 VAE_DECODE_MODES = ("auto", "full", "exact", "tiled", "patched")
+TIERS = ("quality", "fast", "turbo")
 MAX_SEED = 2**63 - 1
 
 
@@ -61,6 +62,8 @@ class GenerationSpec:
     vae_decode: str = "auto"
     adapters: tuple[AdapterRef, ...] = ()
     preset: str | None = None
+    # Speed tier (urae.tiers): quality, fast (fp8) or turbo (step cache).
+    tier: str = "quality"
 
     def validate(self) -> GenerationSpec:
         """Raise :class:`InvalidSpecError` naming the first bad field; return self when valid."""
@@ -95,6 +98,8 @@ class GenerationSpec:
             )
         if self.vae_decode not in VAE_DECODE_MODES:
             raise InvalidSpecError("vae_decode", f"{self.vae_decode!r} is not one of {VAE_DECODE_MODES}")
+        if self.tier not in TIERS:
+            raise InvalidSpecError("tier", f"{self.tier!r} is not one of {', '.join(TIERS)}")
         names = [a.name for a in self.adapters]
         if len(set(names)) != len(names):
             raise InvalidSpecError("adapters", "an adapter is listed twice")

@@ -1,4 +1,4 @@
-"""The resident adapter cache: failed loads change nothing, mixing, unloading, hot-swap, LRU."""
+"""Fixed adapter slots and the adapter cache: failed loads change nothing, mixing, swaps in place, LRU."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ import torch
 
 from tests.urae.probe import transformer_output
 from urae.adapters import AdapterManager, load_adapter_layers, save_lora
+from urae.adapters import manager as manager_module
 from urae.adapters.builtin import tiny_adapter_path, tiny_lora_layers
+from urae.adapters.manager import ATTENTION_TARGETS
 from urae.errors import (
     AdapterError,
     AdapterLoadError,
     AdapterNotLoadedError,
     BaseModelMismatchError,
     HotswapRankError,
+    InvalidSpecError,
     NotSafetensorsError,
     RankMismatchError,
     TruncatedAdapterError,
@@ -70,12 +73,14 @@ def merged_output(adapters: dict[str, Path], weights: dict[str, float]) -> torch
     return transformer_output(transformer)
 
 
-@pytest.mark.parametrize("hotswap_rank", [None, 48])
-def test_mix_with_weights_matches_merged_weights(
-    pipe: Any, adapters: dict[str, Path], hotswap_rank: int | None
-) -> None:
-    manager = AdapterManager(pipe, hotswap_rank=hotswap_rank)
+SLOTS = {"slot_0", "slot_1"}
+
+
+def test_mix_with_weights_matches_merged_weights(pipe: Any, adapters: dict[str, Path]) -> None:
     base = transformer_output(pipe.transformer)
+    manager = AdapterManager(pipe, rank=48)
+    # Empty slots (scaling 0) leave the base output bit for bit.
+    assert torch.equal(transformer_output(pipe.transformer), base)
     assert manager.ensure("a", adapters["a"]) is False
     assert manager.ensure("b", adapters["b"]) is False
     manager.activate([AdapterRef("a", 0.7), AdapterRef("b", -0.5)])
@@ -88,12 +93,9 @@ def test_mix_with_weights_matches_merged_weights(
     )
 
 
-@pytest.mark.parametrize("hotswap_rank", [None, 48])
-def test_weight_zero_empty_activation_and_unload_give_the_base_output(
-    pipe: Any, adapters: dict[str, Path], hotswap_rank: int | None
-) -> None:
+def test_weight_zero_empty_activation_and_unload_give_the_base_output(pipe: Any, adapters: dict[str, Path]) -> None:
     base = transformer_output(pipe.transformer)
-    manager = AdapterManager(pipe, hotswap_rank=hotswap_rank)
+    manager = AdapterManager(pipe, rank=48)
     manager.ensure("a", adapters["a"])
     manager.ensure("4k", adapters["4k"])
     manager.activate([AdapterRef("a", 0.0), AdapterRef("4k", 0.0)])
@@ -125,12 +127,10 @@ def test_weight_zero_empty_activation_and_unload_give_the_base_output(
         ("pickle", NotSafetensorsError),
     ],
 )
-@pytest.mark.parametrize("hotswap_rank", [None, 48])
 def test_failed_load_leaves_the_model_bitwise_unchanged(
-    pipe: Any, adapters: dict[str, Path], bad: str, error: type[AdapterError], hotswap_rank: int | None
+    pipe: Any, adapters: dict[str, Path], bad: str, error: type[AdapterError]
 ) -> None:
-    manager = AdapterManager(pipe, capacity=2, hotswap_rank=hotswap_rank)
-    # First against the bare base model, then with adapters resident and active at capacity.
+    manager = AdapterManager(pipe, capacity=2, rank=48)
     base = transformer_output(pipe.transformer)
     with pytest.raises(error):
         manager.ensure("bad", adapters[bad])
@@ -144,46 +144,27 @@ def test_failed_load_leaves_the_model_bitwise_unchanged(
     assert str(adapters[bad]) in str(caught.value)
     assert torch.equal(transformer_output(pipe.transformer), before)
     assert manager.loaded() == ["a", "b"]
-    # Same name, file replaced by a broken one: the resident version stays.
+    # Same name, file replaced by a broken one: the cached version stays.
     with pytest.raises(error):
         manager.ensure("a", adapters[bad])
     assert torch.equal(transformer_output(pipe.transformer), before)
     assert manager.loaded() == ["a", "b"]
 
 
-def test_pipeline_failure_after_validation_is_rolled_back(
-    pipe: Any, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    manager = AdapterManager(pipe)
-    manager.ensure("a", adapters["a"])
-    manager.activate([AdapterRef("a", 1.0)])
-    before = transformer_output(pipe.transformer)
-    slots_before = set(pipe.transformer.peft_config)
-    real_load = pipe.load_lora_weights
-
-    def load_then_fail(*args: Any, **kwargs: Any) -> None:
-        # The adapter is injected into the model, then something (device OOM, a diffusers bug) fails.
-        real_load(*args, **kwargs)
-        raise RuntimeError("out of memory")
-
-    monkeypatch.setattr(pipe, "load_lora_weights", load_then_fail)
-    with pytest.raises(AdapterLoadError, match="out of memory"):
-        manager.ensure("b", adapters["b"])
-    assert set(pipe.transformer.peft_config) == slots_before
-    assert manager.loaded() == ["a"]
-    assert torch.equal(transformer_output(pipe.transformer), before)
-
-
-def test_hotswap_between_adapters_equals_a_fresh_load(pipe: Any, adapters: dict[str, Path]) -> None:
-    manager = AdapterManager(pipe, capacity=1, hotswap_rank=48)
+def test_swaps_equal_a_fresh_load_and_never_change_the_model_structure(pipe: Any, adapters: dict[str, Path]) -> None:
+    manager = AdapterManager(pipe, capacity=1, rank=48, slots=1)
+    layer = pipe.transformer.get_submodule("transformer_blocks.0.attn.to_q")
+    tensors = (layer.lora_A["slot_0"].weight, layer.lora_B["slot_0"].weight, layer.scaling["slot_0"])
     outputs = {}
     for name in ["a", "4k", "b", "a"]:
         assert manager.ensure(name, adapters[name]) is False
         manager.activate([AdapterRef(name, 1.0)])
         outputs[name] = transformer_output(pipe.transformer)
-        # One slot, swapped in place: the model keeps a single adapter.
-        assert len(pipe.transformer.peft_config) == 1
+        assert set(pipe.transformer.peft_config) == {"slot_0"}
         assert manager.loaded() == [name]
+    # Same tensors, same shapes (padded to the slot rank), written in place.
+    assert (layer.lora_A["slot_0"].weight, layer.lora_B["slot_0"].weight, layer.scaling["slot_0"]) == tensors
+    assert layer.lora_A["slot_0"].weight.shape[0] == 48
     base = transformer_output(build_tiny_pipeline("tiny").transformer)
     for name in ["a", "4k", "b"]:
         fresh = build_tiny_pipeline("tiny")
@@ -194,59 +175,62 @@ def test_hotswap_between_adapters_equals_a_fresh_load(pipe: Any, adapters: dict[
     assert manager.misses == 4 and manager.hits == 0
 
 
-def test_hotswap_slots_are_all_padded_to_the_target_rank(pipe: Any, adapters: dict[str, Path]) -> None:
-    # The second slot is created after the first load; it must accept a rank-48 swap too.
-    manager = AdapterManager(pipe, capacity=2, hotswap_rank=48)
-    manager.ensure("a", adapters["a"])
-    manager.ensure("c", adapters["c"])
-    manager.ensure("4k", adapters["4k"])  # evicts "a", swaps into its slot
-    manager.ensure("b", adapters["b"])  # evicts "c"
-    manager.ensure("a", adapters["a"])  # evicts "4k"
-    manager.ensure("4k", adapters["4k"])  # evicts "b": rank 48 into the slot created second
-    assert manager.loaded() == ["a", "4k"]
-    assert len(pipe.transformer.peft_config) == 2
-    manager.activate([AdapterRef("4k", 0.3)])
-    layer = pipe.transformer.get_submodule("transformer_blocks.0.attn.to_q")
-    scalings = dict(layer.scaling)
+def test_an_adapter_already_in_a_slot_is_not_copied_again(pipe: Any, adapters: dict[str, Path]) -> None:
+    manager = AdapterManager(pipe, rank=48)
+    for name in ("a", "b", "4k"):
+        manager.ensure(name, adapters[name])
     manager.activate([AdapterRef("4k", 1.0), AdapterRef("a", 0.5)])
-    # Weights are written into the same scaling tensors: a compiled transformer is not specialised on them.
-    for slot, tensor in layer.scaling.items():
-        assert isinstance(tensor, torch.Tensor) and tensor is scalings[slot]
+    assert manager.copies == 2
+    # Weights and order change, the adapters do not: no copy, only the scaling values.
+    manager.activate([AdapterRef("a", 1.0), AdapterRef("4k", 0.3)])
+    manager.activate([AdapterRef("4k", 1.0)])
+    assert manager.copies == 2
+    # "b" replaces the adapter the request does not use; "4k" stays where it is.
+    manager.activate([AdapterRef("4k", 1.0), AdapterRef("b", 1.0)])
+    assert manager.copies == 3
+    assert set(pipe.transformer.peft_config) == SLOTS
     torch.testing.assert_close(
-        transformer_output(pipe.transformer),
-        merged_output(adapters, {"4k": 1.0, "a": 0.5}),
-        atol=1e-5,
-        rtol=0,
+        transformer_output(pipe.transformer), merged_output(adapters, {"4k": 1.0, "b": 1.0}), atol=1e-5, rtol=0
     )
+    # One scaling tensor per slot, shared by every layer: a weight change is one write.
+    scalings = {id(m.scaling["slot_0"]) for m in pipe.transformer.modules() if hasattr(m, "lora_A") and "slot_0" in m.lora_A}
+    assert len(scalings) == 1
 
 
-def test_hotswap_rank_too_small_is_refused_before_touching_the_model(
+def test_more_adapters_than_slots_is_refused(pipe: Any, adapters: dict[str, Path]) -> None:
+    manager = AdapterManager(pipe, rank=48)
+    for name in ("a", "b", "c"):
+        manager.ensure(name, adapters[name])
+    with pytest.raises(InvalidSpecError, match="at most 2 at once"):
+        manager.activate([AdapterRef("a", 1.0), AdapterRef("b", 1.0), AdapterRef("c", 1.0)])
+
+
+def test_rank_above_the_slot_rank_is_refused_before_touching_the_model(
     pipe: Any, adapters: dict[str, Path]
 ) -> None:
-    manager = AdapterManager(pipe, capacity=1, hotswap_rank=16)
+    manager = AdapterManager(pipe, capacity=1, rank=16)
     manager.ensure("a", adapters["a"])
     manager.activate([AdapterRef("a", 1.0)])
     before = transformer_output(pipe.transformer)
-    with pytest.raises(HotswapRankError, match="rank 48 exceeds the hot-swap target rank 16"):
+    with pytest.raises(HotswapRankError, match="rank 48 exceeds the adapter slot rank 16"):
         manager.ensure("4k", adapters["4k"])
     assert torch.equal(transformer_output(pipe.transformer), before)
     assert manager.loaded() == ["a"]
 
 
-def test_hotswap_must_be_enabled_before_the_first_adapter(pipe: Any, adapters: dict[str, Path]) -> None:
-    AdapterManager(pipe).ensure("a", adapters["a"])
-    with pytest.raises(AdapterError, match="before the first adapter"):
-        AdapterManager(pipe, hotswap_rank=48)
+def test_slots_must_be_created_before_any_other_adapter(pipe: Any) -> None:
+    AdapterManager(pipe)
+    with pytest.raises(AdapterError, match="slots must be created first"):
+        AdapterManager(pipe)
 
 
 def test_lru_eviction_hits_and_misses(pipe: Any, adapters: dict[str, Path]) -> None:
-    manager = AdapterManager(pipe, capacity=2)
+    manager = AdapterManager(pipe, capacity=2, rank=48)
     assert manager.ensure("a", adapters["a"]) is False
     assert manager.ensure("b", adapters["b"]) is False
     assert manager.ensure("a", adapters["a"]) is True  # "b" is now the least recently used
     assert manager.ensure("c", adapters["c"]) is False
     assert manager.loaded() == ["a", "c"]
-    assert len(pipe.transformer.peft_config) == 2
     assert (manager.hits, manager.misses) == (1, 3)
     manager.activate([AdapterRef("a", 1.0)])  # now "c" is the least recently used
     manager.ensure("b", adapters["b"])
@@ -255,6 +239,7 @@ def test_lru_eviction_hits_and_misses(pipe: Any, adapters: dict[str, Path]) -> N
     torch.testing.assert_close(
         transformer_output(pipe.transformer), merged_output(adapters, {"a": 1.0, "b": 1.0}), atol=1e-5, rtol=0
     )
+    assert set(pipe.transformer.peft_config) == SLOTS
 
 
 def test_changed_file_under_the_same_name_is_reloaded(
@@ -270,11 +255,26 @@ def test_changed_file_under_the_same_name_is_reloaded(
     path.write_bytes(adapters["b"].read_bytes())
     assert manager.ensure("mine", path) is False
     assert manager.sha256("mine") != first_sha
-    # Still active under its name, now with the new weights.
+    manager.activate([AdapterRef("mine", 1.0)])
     torch.testing.assert_close(
         transformer_output(pipe.transformer), merged_output(adapters, {"b": 1.0}), atol=1e-5, rtol=0
     )
-    assert len(pipe.transformer.peft_config) == 1
+
+
+def test_a_known_hash_is_trusted_and_a_file_is_hashed_once(
+    pipe: Any, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[Path] = []
+    real = manager_module.file_sha256
+    monkeypatch.setattr(manager_module, "file_sha256", lambda p: hashed.append(Path(p)) or real(p))
+    manager = AdapterManager(pipe, capacity=1)
+    manager.ensure("registered", adapters["a"], sha256="ab" * 32)
+    assert manager.sha256("registered") == "ab" * 32 and hashed == []
+    manager.ensure("builtin", adapters["b"])  # evicts "registered" (capacity 1)
+    manager.ensure("registered", adapters["a"], sha256="ab" * 32)
+    manager.ensure("builtin", adapters["b"])
+    manager.ensure("builtin", adapters["b"])
+    assert hashed == [adapters["b"]]
 
 
 def test_names_peft_would_refuse_are_fine(pipe: Any, adapters: dict[str, Path]) -> None:
@@ -298,11 +298,11 @@ def test_rank_mismatch_in_file_is_reported(pipe: Any, tmp_path: Path) -> None:
         AdapterManager(pipe).ensure("ranks", bad)
 
 
-@pytest.mark.parametrize("hotswap_rank", [None, 48])
-def test_adapters_with_different_ranks_per_module(
-    pipe: Any, adapters: dict[str, Path], tmp_path: Path, hotswap_rank: int | None
+def test_adapters_with_different_ranks_per_module_and_layers_outside_the_slots(
+    adapters: dict[str, Path], tmp_path: Path
 ) -> None:
     # Ranks differ per module, and a double-block module path is the tail of a single-block one.
+    pipe = build_tiny_pipeline("tiny")
     g = torch.Generator().manual_seed(7)
     ranks = {
         "transformer_blocks.0.attn.to_q": 8,
@@ -323,41 +323,21 @@ def test_adapters_with_different_ranks_per_module(
         "attention": save_lora(tmp_path / "attention.safetensors", attention_only),
         "with_ff": save_lora(tmp_path / "with_ff.safetensors", layers),
     }
-    manager = AdapterManager(pipe, capacity=1, hotswap_rank=hotswap_rank)
-    manager.ensure("a", adapters["a"])
-    slots = set(pipe.transformer.peft_config)
-    # Targets within a's: swapped in place when hot-swapping.
+    manager = AdapterManager(pipe, capacity=1)
     manager.ensure("attention", adapters["attention"])
-    assert (set(pipe.transformer.peft_config) == slots) == (hotswap_rank is not None)
     manager.activate([AdapterRef("attention", 1.0)])
     torch.testing.assert_close(
         transformer_output(pipe.transformer), merged_output(adapters, {"attention": 1.0}), atol=1e-5, rtol=0
     )
-    # A module the slot does not cover (ff.net.2): loaded fresh instead of swapped.
+    before = transformer_output(pipe.transformer)
+    with pytest.raises(AdapterLoadError, match=r"do not cover \(first: transformer_blocks.0.ff.net.2\)"):
+        manager.ensure("with_ff", adapters["with_ff"])
+    assert torch.equal(transformer_output(pipe.transformer), before)
+    # Slots that cover the feed-forward layers too serve it.
+    wide = build_tiny_pipeline("tiny")
+    manager = AdapterManager(wide, targets=(*ATTENTION_TARGETS, "ff.net.2"))
     manager.ensure("with_ff", adapters["with_ff"])
     manager.activate([AdapterRef("with_ff", 1.0)])
     torch.testing.assert_close(
-        transformer_output(pipe.transformer), merged_output(adapters, {"with_ff": 1.0}), atol=1e-5, rtol=0
+        transformer_output(wide.transformer), merged_output(adapters, {"with_ff": 1.0}), atol=1e-5, rtol=0
     )
-    assert manager.loaded() == ["with_ff"] and len(pipe.transformer.peft_config) == 1
-
-
-def test_hotswap_under_torch_compile_never_recompiles(adapters: dict[str, Path]) -> None:
-    import torch._dynamo
-
-    pipe = build_tiny_pipeline("tiny")
-    manager = AdapterManager(pipe, capacity=1, hotswap_rank=48)
-    manager.ensure("a", adapters["a"])
-    manager.activate([AdapterRef("a", 1.0)])
-    # In place, as diffusers recommends: assigning a compiled wrapper would hide the adapters.
-    pipe.transformer.compile(backend="eager", dynamic=False)
-    torch._dynamo.reset()
-    transformer_output(pipe.transformer)  # the one compilation
-    outputs = {}
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for name, weight in [("b", 1.0), ("4k", 0.5), ("a", 1.0)]:
-            manager.ensure(name, adapters[name])
-            manager.activate([AdapterRef(name, weight)])
-            outputs[name] = transformer_output(pipe.transformer)
-    for name, weight in [("b", 1.0), ("4k", 0.5), ("a", 1.0)]:
-        torch.testing.assert_close(outputs[name], merged_output(adapters, {name: weight}), atol=1e-5, rtol=0)

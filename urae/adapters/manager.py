@@ -1,12 +1,20 @@
-"""Resident adapters of one pipeline: load by name, LRU-evict, hot-swap, activate with weights.
+"""Resident adapters of one pipeline: a fixed set of LoRA slots, and a cache of validated adapters.
 
-Every adapter is validated (:func:`load_lora_state_dict`) before the pipeline is touched, so a bad
-file leaves the resident model and the other adapters exactly as they were.
+The transformer always carries the same ``slots`` LoRA adapters (peft layers of rank ``rank`` on the
+same target layers), created once, before any compilation. Using an adapter never adds, removes or
+reshapes a layer: its tensors are copied into a slot in place, and its blend weight is written into
+the slot's scaling tensor, which every layer of the slot shares. An unused slot has scaling 0. So a
+compiled transformer sees only new values, never a new graph, whatever the request mixes.
+
+An adapter file is read, validated and hashed once (:meth:`AdapterManager.ensure`); its tensors are
+kept on the CPU (pinned when the model is on CUDA) in the slot's layout, padded to the slot rank, so a
+swap is one batched copy (``torch._foreach_copy_``). Nothing is copied when a slot already holds the
+adapter. A file that fails validation never reaches the model.
 """
 
 from __future__ import annotations
 
-import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,9 +23,9 @@ from typing import Any
 
 import torch
 
-from urae.adapters.formats import file_sha256, load_lora_state_dict
+from urae.adapters.formats import AdapterFormat, file_sha256, load_adapter_layers
 from urae.errors import (
-    AdapterError,
+    AdapterFormatError,
     AdapterLoadError,
     AdapterNotFoundError,
     AdapterNotLoadedError,
@@ -26,293 +34,285 @@ from urae.errors import (
 )
 from urae.spec import AdapterRef
 
+# The attention projections of every double- and single-stream block: URAE's 2K and 4K adapters and
+# attention LoRAs in general. Layers outside the slots cannot be served (refused when validated).
+ATTENTION_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+)
+SLOT_PREFIX = "slot_"
+
 
 @dataclass
-class _Resident:
-    slot: str  # the adapter name inside diffusers/peft; user names may contain characters peft refuses
+class _Cached:
+    """A validated adapter in the slots' layout: one (A, B) pair per slot layer, padded to the rank."""
+
     sha256: str
     path: Path
-    targets: frozenset[str]
+    stamp: tuple[int, int, int]
     rank: int
+    tensors: list[torch.Tensor]  # A0, B0, A1, B1, ... in the order of AdapterManager._params(slot)
+
+
+@dataclass
+class _Slot:
+    name: str  # the peft adapter name
+    scaling: torch.Tensor  # 0-dim, shared by every layer of the slot: the blend weight
+    weight: float = 0.0
+    holds: tuple[str, str] | None = None  # (adapter name, sha256) whose tensors are in the slot
 
 
 class AdapterManager:
-    """Keeps up to ``capacity`` LoRA adapters resident in ``pipe`` and activates them per request.
+    """Fixed LoRA slots in ``pipe.transformer`` plus an LRU cache of up to ``capacity`` adapters.
 
-    With ``hotswap_rank`` set, the pipeline is prepared for hot-swapping (``enable_lora_hotswap``)
-    before any load; every slot is padded to that rank, and a new adapter replaces the least recently
-    used one in place (no recompilation of a compiled transformer). ``hotswap_rank`` must cover the
-    largest adapter served: URAE's converted 4K adapters are rank 48, the 2K one rank 16. An adapter
-    that targets a layer its slot does not cover is loaded fresh instead (correct, but a compiled
-    transformer then recompiles).
+    ``rank`` must cover the largest adapter served (URAE's converted 4K adapters are rank 48, the 2K
+    one 16); ``slots`` is the most adapters one request can mix (default 2: the preset's URAE adapter
+    and one of the user's). ``targets`` are the layer names (suffixes inside the blocks) the slots cover.
     """
 
-    def __init__(self, pipe: Any, capacity: int = 8, hotswap_rank: int | None = None):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise InvalidSpecError("capacity", f"must be a positive integer, got {capacity!r}")
-        if hotswap_rank is not None and (
-            isinstance(hotswap_rank, bool) or not isinstance(hotswap_rank, int) or hotswap_rank < 1
-        ):
-            raise InvalidSpecError("hotswap_rank", f"must be a positive integer, got {hotswap_rank!r}")
+    def __init__(
+        self,
+        pipe: Any,
+        capacity: int = 8,
+        rank: int = 64,
+        slots: int = 2,
+        targets: Sequence[str] = ATTENTION_TARGETS,
+    ):
+        for name, value in (("capacity", capacity), ("rank", rank), ("slots", slots)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidSpecError(name, f"must be a positive integer, got {value!r}")
         self.pipe = pipe
         self.capacity = capacity
-        self.hotswap_rank = hotswap_rank
+        self.rank = rank
         self.hits = 0
         self.misses = 0
-        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
-        self._active: list[tuple[str, float]] = []  # (name, weight) of the last activate()
-        self._next_slot = 0
+        self.copies = 0  # slot loads that copied tensors (a swap); activations that found them in place don't count
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()  # least recently used first
         self._hash_cache: dict[Path, tuple[tuple[int, int, int], str]] = {}
-        if hotswap_rank is not None:
-            if getattr(pipe.transformer, "peft_config", None):
-                raise AdapterError(
-                    "hot-swap must be enabled before the first adapter is loaded into this pipeline"
-                )
-            pipe.enable_lora_hotswap(target_rank=hotswap_rank)
+        self._layers = self._create_slots(slots, list(targets))
+        self._slots = [self._make_slot(f"{SLOT_PREFIX}{i}") for i in range(slots)]
+        self._params = {slot.name: self._slot_params(slot.name) for slot in self._slots}
+        self._zeros: dict[tuple[torch.Size, torch.dtype], torch.Tensor] = {}
 
     # -- queries ----------------------------------------------------------------------------------
+    @property
+    def slot_count(self) -> int:
+        return len(self._slots)
+
     def loaded(self) -> list[str]:
-        """Names of the resident adapters, least recently used first."""
-        return list(self._resident)
+        """Names of the cached (validated, ready to swap in) adapters, least recently used first."""
+        return list(self._cache)
 
     def sha256(self, name: str) -> str:
-        """SHA-256 of the file the resident adapter ``name`` was loaded from."""
+        """SHA-256 of the file the cached adapter ``name`` was read from."""
         return self._get(name).sha256
 
-    # -- loading ----------------------------------------------------------------------------------
-    def ensure(self, name: str, path: Path) -> bool:
-        """Make ``name`` resident from ``path``; True when it already was (same file content).
+    def active(self) -> list[tuple[str, float]]:
+        """(adapter, weight) of each slot in use."""
+        return [(slot.holds[0], slot.weight) for slot in self._slots if slot.holds and slot.weight != 0.0]
 
-        A changed file under a resident name is reloaded. Beyond ``capacity`` the least recently
-        used adapter is evicted (keep capacity >= the number of adapters one request mixes).
+    def target_layers(self) -> list[str]:
+        """The module paths the slots cover."""
+        return list(self._layers)
+
+    # -- loading ----------------------------------------------------------------------------------
+    def ensure(self, name: str, path: Path, sha256: str | None = None) -> bool:
+        """Make ``name`` ready to swap in from ``path``; True when it already was (same file).
+
+        ``sha256``: the file's hash when the caller already knows it (a registry record); otherwise it
+        is computed once per file version. The model is not touched: an invalid file changes nothing.
+        Beyond ``capacity`` the least recently used adapter that no slot holds is dropped.
         """
         path = Path(path)
-        sha = self._file_sha(path)
-        current = self._resident.get(name)
+        stamp = _stamp(path)
+        current = self._cache.get(name)
+        if current is not None and current.path == path and current.stamp == stamp:
+            self._cache.move_to_end(name)
+            self.hits += 1
+            return True
+        sha = sha256 or self._file_sha(path, stamp)
         if current is not None and current.sha256 == sha:
-            self._resident.move_to_end(name)
+            current.path, current.stamp = path, stamp
+            self._cache.move_to_end(name)
             self.hits += 1
             return True
         self.misses += 1
-        state = load_lora_state_dict(path, self.pipe.transformer)
-        targets = frozenset(
-            k.removeprefix("transformer.").removesuffix(".lora_A.weight")
-            for k in state
-            if k.endswith(".lora_A.weight")
-        )
-        rank = max(v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight"))
-        if self.hotswap_rank is not None and rank > self.hotswap_rank:
-            raise HotswapRankError(
-                f"{path}: rank {rank} exceeds the hot-swap target rank {self.hotswap_rank}"
-            )
-
-        # The slot: the name's own (changed file) or the least recently used one is replaced.
-        victim_name = name if current is not None else None
-        if victim_name is None and len(self._resident) >= self.capacity:
-            victim_name = next(iter(self._resident))
-        victim = self._resident.get(victim_name) if victim_name is not None else None
-        hotswap = victim is not None and self.hotswap_rank is not None and targets <= victim.targets
-        if victim is not None and hotswap:
-            slot, slot_targets = victim.slot, victim.targets
-        else:
-            slot, slot_targets = self._new_slot(), targets
-        try:
-            self._load(state, slot, hotswap=hotswap)
-        except Exception as exc:
-            self._discard(slot)
-            if hotswap and victim_name is not None:
-                self._forget(victim_name)
-            self._apply_active()
-            raise AdapterLoadError(
-                f"{path}: could not be loaded into the pipeline ({type(exc).__name__}: {exc})"
-            ) from exc
-        if victim_name is not None and victim is not None:
-            if not hotswap:
-                # Loaded first, removed after: a failed load above leaves the victim in place.
-                self.pipe.delete_adapters([victim.slot])
-            if victim_name != name:
-                self._forget(victim_name)
-        self._resident[name] = _Resident(slot, sha, path, slot_targets, rank)
-        self._resident.move_to_end(name)
-        self._apply_active()
+        cached = self._prepare(path, stamp, sha)
+        self._cache[name] = cached
+        self._cache.move_to_end(name)
+        self._evict(keep=name)
         return False
 
     def unload(self, name: str) -> None:
-        """Remove ``name`` from the pipeline; with no adapter left the output is the base model's."""
-        resident = self._get(name)
-        self.pipe.delete_adapters([resident.slot])
-        self._forget(name)
-        self._apply_active()
+        """Forget ``name``; a slot holding it is switched off (its output is the base model's)."""
+        self._get(name)
+        del self._cache[name]
+        for slot in self._slots:
+            if slot.holds is not None and slot.holds[0] == name:
+                slot.holds = None
+                self._set_weight(slot, 0.0)
 
     # -- activation -------------------------------------------------------------------------------
     def activate(self, refs: Sequence[AdapterRef]) -> None:
-        """Use exactly these adapters with these weights; an empty list gives the base model."""
-        for ref in refs:
-            self._get(ref.name)
-        self._active = [(ref.name, float(ref.weight)) for ref in refs]
-        for ref in refs:
-            self._resident.move_to_end(ref.name)
-        self._apply_active()
+        """Use exactly these adapters with these weights; an empty list gives the base model.
+
+        A slot keeps the adapter it holds when the request uses it again (no copy); others are filled
+        with one batched copy each. Weights are written into the slots' scaling tensors.
+        """
+        if len(refs) > len(self._slots):
+            raise InvalidSpecError(
+                "adapters", f"{len(refs)} adapters requested; this worker mixes at most {len(self._slots)} at once"
+            )
+        wanted = {ref.name: (self._get(ref.name), float(ref.weight)) for ref in refs}
+        placed: dict[str, _Slot] = {}
+        for slot in self._slots:
+            if slot.holds is not None and slot.holds[0] in wanted and wanted[slot.holds[0]][0].sha256 == slot.holds[1]:
+                placed[slot.holds[0]] = slot
+        free = [slot for slot in self._slots if slot not in placed.values()]
+        for name, (cached, _) in wanted.items():
+            if name not in placed:
+                slot = free.pop(0)
+                self._copy_in(slot, name, cached)
+                placed[name] = slot
+        for slot in self._slots:
+            held = slot.holds[0] if slot.holds is not None else None
+            self._set_weight(slot, wanted[held][1] if held in wanted and placed.get(held) is slot else 0.0)
+        for name in wanted:
+            self._cache.move_to_end(name)
+        self._evict(keep=None)
 
     # -- internals --------------------------------------------------------------------------------
-    def _get(self, name: str) -> _Resident:
-        resident = self._resident.get(name)
-        if resident is None:
-            loaded = ", ".join(self._resident) or "none"
-            raise AdapterNotLoadedError(f"{name}: adapter is not loaded (loaded: {loaded})")
-        return resident
+    def _create_slots(self, count: int, targets: list[str]) -> list[str]:
+        from peft import LoraConfig
 
-    def _forget(self, name: str) -> None:
-        self._resident.pop(name, None)
-        self._active = [(n, w) for n, w in self._active if n != name]
+        transformer = self.pipe.transformer
+        if getattr(transformer, "peft_config", None):
+            raise AdapterLoadError("the transformer already has LoRA layers; adapter slots must be created first")
+        layers = [
+            name
+            for name, module in transformer.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and (".transformer_blocks." in f".{name}" or ".single_transformer_blocks." in f".{name}")
+            and any(name.endswith(f".attn.{t}") or name.endswith(f".{t}") for t in targets)
+        ]
+        if not layers:
+            raise AdapterLoadError(f"no layer of the transformer matches the slot targets {targets}")
+        config = LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=layers, init_lora_weights=False)
+        with warnings.catch_warnings():
+            # peft warns that a model with an adapter gets another one: several slots are the point.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for i in range(count):
+                transformer.add_adapter(config, adapter_name=f"{SLOT_PREFIX}{i}")
+        transformer.set_adapters([f"{SLOT_PREFIX}{i}" for i in range(count)])
+        return layers
 
-    def _new_slot(self) -> str:
-        slot = f"adapter_{self._next_slot}"
-        self._next_slot += 1
-        return slot
+    def _make_slot(self, name: str) -> _Slot:
+        from peft.tuners.lora import LoraLayer
 
-    def _file_sha(self, path: Path) -> str:
-        # Hashing a 100 MB adapter per request would cost more than the swap: rehash on change only.
+        device = next(self.pipe.transformer.parameters()).device
+        scaling = torch.zeros((), dtype=torch.float32, device=device)
+        with torch.no_grad():
+            for module in self.pipe.transformer.modules():
+                if isinstance(module, LoraLayer) and name in module.lora_A:
+                    module.lora_A[name].weight.zero_()
+                    module.lora_B[name].weight.zero_()
+                    # One tensor for the whole slot: a weight change is one write, and a compiled graph
+                    # reads it as an input instead of baking the value in.
+                    module.scaling[name] = scaling
+        return _Slot(name, scaling)
+
+    def _slot_params(self, slot: str) -> list[torch.Tensor]:
+        transformer = self.pipe.transformer
+        params = []
+        for layer in self._layers:
+            module = transformer.get_submodule(layer)
+            params += [module.lora_A[slot].weight, module.lora_B[slot].weight]
+        return params
+
+    def _prepare(self, path: Path, stamp: tuple[int, int, int], sha: str) -> _Cached:
+        """Read and validate ``path`` and lay it out as the slots' tensors (CPU, pinned on CUDA)."""
         try:
-            st = path.stat()
-        except OSError:
+            adapter_format, layers = load_adapter_layers(path, self.pipe.transformer)
+        except FileNotFoundError:
             raise AdapterNotFoundError(f"{path}: no such adapter file") from None
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if adapter_format is not AdapterFormat.LORA:
+            raise AdapterFormatError(f"{path}: a {adapter_format.value} adapter must be converted first (urae convert)")
+        outside = sorted(set(layers) - set(self._layers))
+        if outside:
+            raise AdapterLoadError(
+                f"{path}: targets {len(outside)} layer(s) the adapter slots do not cover (first: {outside[0]}); "
+                f"the slots cover {', '.join(sorted({n.rsplit('.attn.', 1)[-1] for n in self._layers}))}"
+            )
+        rank = max(down.shape[0] for _, down in layers.values())
+        if rank > self.rank:
+            raise HotswapRankError(f"{path}: rank {rank} exceeds the adapter slot rank {self.rank} (URAE_HOTSWAP_RANK)")
+        reference = self._params[self._slots[0].name]
+        pin = reference[0].device.type == "cuda"
+        tensors: list[torch.Tensor] = []
+        for index, layer in enumerate(self._layers):
+            a_param, b_param = reference[2 * index], reference[2 * index + 1]
+            pair = layers.get(layer)
+            if pair is None:
+                tensors += [self._zero(a_param, pin), self._zero(b_param, pin)]
+                continue
+            up, down = pair
+            a = torch.zeros(a_param.shape, dtype=a_param.dtype)
+            b = torch.zeros(b_param.shape, dtype=b_param.dtype)
+            a[: down.shape[0]].copy_(down)
+            b[:, : up.shape[1]].copy_(up)
+            tensors += [a.pin_memory() if pin else a, b.pin_memory() if pin else b]
+        return _Cached(sha, path, stamp, rank, tensors)
+
+    def _zero(self, like: torch.Tensor, pin: bool) -> torch.Tensor:
+        key = (like.shape, like.dtype)
+        if key not in self._zeros:
+            zero = torch.zeros(like.shape, dtype=like.dtype)
+            self._zeros[key] = zero.pin_memory() if pin else zero
+        return self._zeros[key]
+
+    def _copy_in(self, slot: _Slot, name: str, cached: _Cached) -> None:
+        params = self._params[slot.name]
+        with torch.no_grad():
+            torch._foreach_copy_(params, cached.tensors, non_blocking=True)
+        slot.holds = (name, cached.sha256)
+        self.copies += 1
+
+    def _set_weight(self, slot: _Slot, weight: float) -> None:
+        if slot.weight != weight:
+            slot.scaling.fill_(weight)
+            slot.weight = weight
+
+    def _evict(self, keep: str | None) -> None:
+        # Adapters a slot holds stay (their slot may be reused without a copy), as does the new one;
+        # the cache may then exceed capacity by at most the number of slots.
+        held = {slot.holds[0] for slot in self._slots if slot.holds is not None and slot.weight != 0.0} | {keep}
+        for name in list(self._cache):
+            if len(self._cache) <= self.capacity:
+                return
+            if name not in held:
+                del self._cache[name]
+
+    def _get(self, name: str) -> _Cached:
+        cached = self._cache.get(name)
+        if cached is None:
+            loaded = ", ".join(self._cache) or "none"
+            raise AdapterNotLoadedError(f"{name}: adapter is not loaded (loaded: {loaded})")
+        return cached
+
+    def _file_sha(self, path: Path, stamp: tuple[int, int, int]) -> str:
         cached = self._hash_cache.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
         sha = file_sha256(path)
         if len(self._hash_cache) >= 4 * self.capacity:
-            # Registry versions come and go: keep only the files of resident adapters.
-            resident = {r.path for r in self._resident.values()}
-            self._hash_cache = {p: v for p, v in self._hash_cache.items() if p in resident}
+            keep = {c.path for c in self._cache.values()}
+            self._hash_cache = {p: v for p, v in self._hash_cache.items() if p in keep}
         self._hash_cache[path] = (stamp, sha)
         return sha
 
-    def _load(self, state: dict[str, torch.Tensor], slot: str, hotswap: bool) -> None:
-        if hotswap:
-            self._swap_in_place(state, slot)
-            return
-        if self.hotswap_rank is not None:
-            state = uniform_rank(state)
-        if (
-            self.hotswap_rank is not None
-            and not hotswap
-            and getattr(self.pipe.transformer, "peft_config", None)
-        ):
-            # diffusers pads only the first adapter to the target rank; pad each new slot too.
-            self.pipe.transformer.enable_lora_hotswap(target_rank=self.hotswap_rank, check_compiled="ignore")
-        # diffusers pops keys from the dict it is given: pass a copy. Its loader warns on every load
-        # that the text encoders get no LoRA keys; adapters here are transformer-only by design.
-        loader_log = logging.getLogger("diffusers.loaders.lora_base")
-        level = loader_log.level
-        loader_log.setLevel(logging.ERROR)
-        try:
-            self.pipe.load_lora_weights(dict(state), adapter_name=slot, hotswap=hotswap)
-        finally:
-            loader_log.setLevel(level)
 
-    def _swap_in_place(self, state: dict[str, torch.Tensor], slot: str) -> None:
-        """Copy a validated adapter into an existing slot's LoRA weights (what peft's hot-swap does).
-
-        The slot's layers keep their tensors, shapes (padded to ``hotswap_rank``) and scaling, so a
-        compiled transformer sees no change but the values; layers the new adapter does not target
-        are zeroed. Every adapter here has its alpha folded into B (scale 1), like the slot's previous
-        one. Doing the copy directly skips diffusers' per-load walks over the whole model, which cost
-        more than the copy itself.
-        """
-        layers: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in state.items():
-            path = key.removeprefix("transformer.")
-            for part in ("A", "B"):
-                suffix = f".lora_{part}.weight"
-                if path.endswith(suffix):
-                    layers.setdefault(path.removesuffix(suffix), {})[part] = value
-        from peft.tuners.lora import LoraLayer
-
-        covered = 0
-        with torch.no_grad():
-            for name, module in self.pipe.transformer.named_modules():
-                if not isinstance(module, LoraLayer) or slot not in module.lora_A:
-                    continue
-                down, up = module.lora_A[slot].weight, module.lora_B[slot].weight
-                down.zero_()
-                up.zero_()
-                pair = layers.get(name)
-                if pair is None:
-                    continue
-                rank = pair["A"].shape[0]
-                down[:rank].copy_(pair["A"])
-                up[:, :rank].copy_(pair["B"])
-                covered += 1
-        if covered != len(layers):
-            raise AdapterLoadError(f"slot {slot} covers {covered} of the adapter's {len(layers)} layers")
-
-    def _discard(self, slot: str | None) -> None:
-        """Remove a slot whose load failed, so no half-loaded weights stay in the model."""
-        if slot is None:
-            return
-        existing = getattr(self.pipe.transformer, "peft_config", {}) or {}
-        if slot in existing:
-            self.pipe.delete_adapters([slot])
-
-    def _apply_active(self) -> None:
-        if not getattr(self.pipe.transformer, "peft_config", None):
-            return
-        if not self._active:
-            self.pipe.disable_lora()
-            return
-        scalings = self._scaling_tensors() if self.hotswap_rank is not None else {}
-        self.pipe.enable_lora()
-        self.pipe.set_adapters(
-            [self._resident[n].slot for n, _ in self._active], adapter_weights=[w for _, w in self._active]
-        )
-        if self.hotswap_rank is not None:
-            self._restore_scaling_tensors(scalings)
-
-    def _lora_layers(self) -> list[Any]:
-        # peft is imported here, not at module level: it pulls in transformers, and the CLI's
-        # inspect/convert commands should start without it.
-        from peft.tuners.lora import LoraLayer
-
-        return [m for m in self.pipe.transformer.modules() if isinstance(m, LoraLayer)]
-
-    def _scaling_tensors(self) -> dict[tuple[int, str], torch.Tensor]:
-        return {
-            (id(module), slot): value
-            for module in self._lora_layers()
-            for slot, value in module.scaling.items()
-            if isinstance(value, torch.Tensor)
-        }
-
-    def _restore_scaling_tensors(self, previous: dict[tuple[int, str], torch.Tensor]) -> None:
-        # Hot-swap preparation turns LoRA scalings into tensors so that a compiled transformer reads
-        # them as inputs; set_adapters writes plain floats back, which torch.compile would bake in as
-        # constants (one recompilation per new weight). Write the new values into the same tensors.
-        for module in self._lora_layers():
-            for slot, value in module.scaling.items():
-                if isinstance(value, torch.Tensor):
-                    continue
-                tensor = previous.get((id(module), slot))
-                if tensor is None:
-                    tensor = torch.tensor(float(value), device=module.weight.device)
-                else:
-                    tensor.fill_(float(value))
-                module.scaling[slot] = tensor
-
-
-def uniform_rank(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same LoRA with every module zero-padded to the largest rank (B @ A is unchanged).
-
-    Mixed ranks make diffusers record a per-module alpha pattern, and peft refuses to hot-swap
-    between adapters whose alpha patterns differ; in hot-swap mode every slot is padded anyway.
-    """
-    rank = max(v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight"))
-    padded: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if key.endswith(".lora_A.weight") and tensor.shape[0] < rank:
-            tensor = torch.cat([tensor, tensor.new_zeros(rank - tensor.shape[0], tensor.shape[1])], dim=0)
-        elif key.endswith(".lora_B.weight") and tensor.shape[1] < rank:
-            tensor = torch.cat([tensor, tensor.new_zeros(tensor.shape[0], rank - tensor.shape[1])], dim=1)
-        padded[key] = tensor
-    return padded
+def _stamp(path: Path) -> tuple[int, int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        raise AdapterNotFoundError(f"{path}: no such adapter file") from None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -32,6 +32,9 @@ ADAPTER_WEIGHT_RANGE = (-4.0, 4.0)
 PRESET_LONG_SIDE = {"1k": 1024, "2k": 2048, "4k": 4096}
 ASPECT_RATIOS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "2:1", "1:2", "4:1", "1:4")
 BUILTIN_ADAPTERS = ("urae-2k", "urae-4k", "urae-4k-schnell")
+# Speed tiers (mirror urae/spec.py): quality (default), fast (fp8), turbo (step cache).
+TIERS = ("quality", "fast", "turbo")
+Tier = Literal["quality", "fast", "turbo"]
 # Training recipes shipped with the library (urae/train/recipes), selectable by name in /finetune.
 SHIPPED_RECIPES = ("urae-2k", "urae-4k")
 

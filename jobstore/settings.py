@@ -60,6 +60,19 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1)
     adapter_capacity: int = Field(default=8, ge=1)
     hotswap_rank: int | None = Field(default=64, ge=1)
+    # Adapter slots always present in the transformer: the most adapters one request mixes (the
+    # preset's URAE adapter and one of the user's); each is padded to URAE_HOTSWAP_RANK.
+    adapter_slots: int = Field(default=2, ge=1, le=8)
+    # Speed tiers this worker serves, comma-separated: quality,turbo (bf16) or fast,turbo (fp8, GPUs
+    # with compute capability >= 8.9). Admission refuses a tier no live worker serves.
+    tiers: str = "quality,turbo"
+    # Compile the transformer blocks (torch.compile, regional). None: on CUDA only.
+    compile: bool | None = None
+    # Attention kernel: auto (the best the GPU offers: FA3, cuDNN, FA2, SDPA) or a diffusers backend name.
+    attention_backend: str = "auto"
+    # Before reporting ready, run every served preset (presets), also at every aspect ratio (full), or
+    # nothing (none) once, so that no request compiles; auto: presets on CUDA, none elsewhere.
+    warmup: Literal["auto", "none", "presets", "full"] = "auto"
     adapter_cache_dir: Path | None = None
     # Largest image (pixels) a generation worker advertises; None: the library's maximum.
     worker_max_pixels: int | None = Field(default=None, ge=64 * 64)

@@ -23,6 +23,7 @@ from jobstore.contract import (
     SIZE_MULTIPLE,
     AdapterWeight,
     Priority,
+    Tier,
     WebhookEvent,
     preset_for_pixels,
     preset_size,
@@ -57,6 +58,11 @@ class GenerateRequest(BaseModel):
     adapters: list[AdapterWeight] = Field(default=[], max_length=MAX_ADAPTERS_PER_REQUEST)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     priority: Priority = "normal"
+    tier: Tier = Field(
+        default="quality",
+        description="quality (default), fast (fp8 on GPUs that have it) or turbo (step cache); refused when "
+        "no live worker serves it",
+    )
     preview_every: int | None = Field(
         default=None, ge=0, le=MAX_PREVIEW_EVERY,
         description="A live preview (event: preview) every this many steps; 0: none. Default: the server's",

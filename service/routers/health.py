@@ -12,6 +12,7 @@ from jobstore.contract import (
     STAGE_BUCKETS,
     STAGE_HISTOGRAM_PREFIX,
     STAGE_NAMES,
+    TIERS,
     JobKind,
     JobStatus,
 )
@@ -35,7 +36,12 @@ def ready(_: ApiKeyDep, settings: SettingsDep, conn: RedisDep) -> JSONResponse:
     """Redis answers and at least one live generation worker serves the configured model."""
     conn.ping()
     workers = serving_workers(conn, settings, JobKind.GENERATE)
-    body = {"redis": "ok", "model": settings.model, "live_workers": len(workers)}
+    body = {"redis": "ok", "model": settings.model, "live_workers": len(workers),
+            # What the live workers serve, and how (a worker heartbeats only after its warm-up).
+            "tiers": sorted({t for w in workers for t in w.get("tiers", ["quality"])}, key=TIERS.index),
+            "workers": [{"tiers": w.get("tiers", ["quality"]), "attention_backend": w.get("attention_backend"),
+                         "precision": w.get("precision"), "compiled": w.get("compiled", False),
+                         "max_pixels": w.get("max_pixels")} for w in workers]}
     if not workers:
         return JSONResponse({**body, "status": "not ready", "detail": f"no live worker for model {settings.model}"}, 503)
     return JSONResponse({**body, "status": "ready"})

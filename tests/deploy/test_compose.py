@@ -137,6 +137,16 @@ def test_workers_get_the_hf_token_and_keep_the_hf_cache_on_a_volume(compose: dic
     assert "HF_TOKEN" not in compose["services"]["api"].get("environment", {})
 
 
+def test_generation_workers_keep_the_compile_cache_on_a_volume(compose: dict[str, Any]) -> None:
+    # A restarted worker's warm-up reads its compiled blocks back instead of compiling for minutes.
+    env = dockerfile_env(WORKER_DOCKERFILE)
+    cache = "/cache/torch"
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(cache + "/") and env["TRITON_CACHE_DIR"].startswith(cache + "/")
+    for name in services_where(compose, "generate"):
+        assert f"torch-compile-cache:{cache}" in compose["services"][name]["volumes"], name
+    assert "torch-compile-cache" in compose["volumes"]
+
+
 def test_generation_workers_may_finish_a_4k_job_before_they_are_killed(compose: dict[str, Any]) -> None:
     for name in services_where(compose, "generate"):
         service = compose["services"][name]

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from jobstore.contract import generate_queue, worker_key
+from jobstore.queues import rq_queue_key
 from tests.conftest import API_KEY, make_settings
 
 SMALL = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 2}
@@ -163,6 +164,34 @@ def test_size_no_live_worker_can_fit_is_refused_at_once(client: Any, redis_url: 
         client.delete(f"/jobs/{accepted.json()['id']}")
     finally:
         conn.delete(worker_key("small-gpu"))
+
+
+def test_tier_no_live_worker_serves_is_refused_at_once(client: Any, redis_url: str) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    # A bf16 worker (as its heartbeat advertises it): quality and turbo, no fp8.
+    record = {"name": "bf16-gpu", "model": "tiny", "kinds": ["generate"], "max_pixels": 4096 * 4096,
+              "tiers": ["quality", "turbo"], "attention_backend": "_native_cudnn", "compiled": True}
+    conn.set(worker_key("bf16-gpu"), json.dumps(record), px=60_000)
+    conn.sadd("urae:workers", "bf16-gpu")
+    try:
+        refused = client.post("/generate", json={"prompt": "a castle", "preset": "2k", "tier": "fast"})
+        assert refused.status_code == 422
+        assert refused.json()["field"] == "tier"
+        assert "no live worker serves the fast tier" in refused.json()["detail"]
+        assert conn.llen(rq_queue_key(generate_queue("normal"))) == 0
+        ready = client.get("/ready").json()
+        assert ready["tiers"] == ["quality", "turbo"]
+        assert ready["workers"][0]["attention_backend"] == "_native_cudnn"
+        for tier in ("turbo", "quality"):
+            accepted = client.post("/generate", json={"prompt": "a castle", "preset": "2k", "tier": tier})
+            assert accepted.status_code == 202
+            job = client.get(f"/jobs/{accepted.json()['id']}")
+            assert job.status_code == 200
+            client.delete(f"/jobs/{accepted.json()['id']}")
+        bad = client.post("/generate", json={"prompt": "a castle", "tier": "ludicrous"})
+        assert bad.status_code == 422 and bad.json()["field"] == "tier"
+    finally:
+        conn.delete(worker_key("bf16-gpu"))
 
 
 def test_redis_down_answers_503_quickly(service_env: dict[str, str]) -> None:

@@ -57,7 +57,8 @@ class GenerationSpec:
     ntk_factor: float = 1.0
     # Softmax scale sqrt(log_4608(N) / head_dim) instead of 1/sqrt(head_dim).
     proportional_attention: bool = False
-    # None: the model's own schedule (dynamic shift at 1K); a number: that static shift.
+    # None: the model's own scheduler config (dev: dynamic shift; schnell: static 1.0); a number: that
+    # static shift (the 2K/4K presets: the model's own value, dev 3.0, schnell 1.0).
     shift: float | None = None
     vae_decode: str = "auto"
     adapters: tuple[AdapterRef, ...] = ()

@@ -174,8 +174,9 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         raw = f.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(HeaderFormatError, path, f"header is not valid JSON ({exc})") from None
+    # ValueError: not UTF-8, not JSON, or an integer longer than Python converts.
+    except (ValueError, RecursionError) as exc:
+        raise _fail(HeaderFormatError, path, f"header is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise _fail(HeaderFormatError, path, "header is not a JSON object")
     metadata = header.get("__metadata__", {})
@@ -212,7 +213,7 @@ def _check_entry(path: Path, name: str, entry: Any) -> tuple[int, int, str]:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
         raise _fail(HeaderFormatError, path, f"entry {name!r} lacks dtype, shape or data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in _DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
         raise _fail(HeaderFormatError, path, f"tensor {name} has an unknown dtype {dtype!r}")
     if dtype not in ALLOWED_DTYPES:
         raise _fail(TensorDtypeError, path, f"tensor {name} is {dtype}; only F16, BF16 and F32 are accepted")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from jobstore.contract import (
     ADAPTER_NAME_PATTERN,
@@ -259,6 +259,15 @@ class FinetuneRecipe(BaseModel):
     sample_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     sample_guidance: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE)
     real_prompt_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @field_validator("global_batch_size")
+    @classmethod
+    def _whole_accumulation(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # A worker is one process: a step accumulates global_batch_size / batch_size passes.
+        batch = info.data.get("batch_size")
+        if value is not None and batch is not None and value % batch:
+            raise ValueError(f"{value} is not a multiple of batch_size {batch}")
+        return value
 
 
 # TrainConfig fields the server sets itself.

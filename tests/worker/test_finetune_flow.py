@@ -100,6 +100,7 @@ def test_finetune_registers_an_adapter_that_generate_uses(http: Any, workers: An
         ({"learning_rat": 1.0}, "recipe.learning_rat"),
         ({"base_adapter": "missing"}, "adapters[0].name"),
         ({"recipe": "../../etc/passwd"}, "recipe.recipe"),
+        ({"batch_size": 3, "global_batch_size": 8}, "recipe.global_batch_size"),
     ],
 )
 def test_bad_recipes_are_refused_before_queueing(http: Any, recipe: dict[str, Any], field: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -261,16 +262,26 @@ WEED = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
 
 
 class SeaweedServer:
-    """``weed server`` with its S3 gateway on loopback ports; stop() and start() keep its data."""
+    """SeaweedFS on loopback ports: ``weed server`` (master, volume, filer) and its S3 gateway
+    ``weed s3`` as a second process, so that stop() and start() take the S3 endpoint down and back up
+    in about a second, as clients see an object store outage, with the data kept."""
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
         (workdir / "data").mkdir(parents=True, exist_ok=True)
-        (workdir / "s3.json").write_text(
-            '{"identities": [{"name": "tests", "credentials": [{"accessKey": "%s", "secretKey": "%s"}],'
-            ' "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (S3_ACCESS_KEY, S3_SECRET_KEY)
-        )
+        identity = {"name": "tests", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+        (workdir / "s3.json").write_text(json.dumps({"identities": [identity]}))
         self.ports = [free_port() for _ in range(8)]
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, _, _ = self.ports
+        self.log = open(self.workdir / "weed.log", "ab")
+        self.cluster = subprocess.Popen(
+            [WEED, "server", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=64",
+             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=50",
+             "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -279,15 +290,12 @@ class SeaweedServer:
         return f"http://127.0.0.1:{self.ports[6]}"
 
     def start(self) -> None:
-        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = self.ports
-        self.log = open(self.workdir / "weed.log", "ab")
+        """Start the S3 gateway (again) and wait until it stores objects."""
+        filer, filer_grpc, s3, s3_grpc = self.ports[4:]
         self.proc = subprocess.Popen(
-            [WEED, "server", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=64",
-             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=50",
-             "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-             f"-s3.config={self.workdir / 's3.json'}"],
+            [WEED, "s3", f"-filer=127.0.0.1:{filer}.{filer_grpc}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-port={s3}", f"-port.grpc={s3_grpc}", "-port.iceberg=0", "-port.lance=0",
+             f"-config={self.workdir / 's3.json'}"],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         self._wait_ready()
@@ -299,12 +307,12 @@ class SeaweedServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}: see {self.workdir / 'weed.log'}")
+            for proc in (self.cluster, self.proc):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"weed exited with {proc.returncode}: see {self.workdir / 'weed.log'}")
             try:
-                client.list_buckets()
                 # Writable only once a volume server registered: probe with a write.
-                client.create_bucket(Bucket="readiness")
+                self.create_bucket("readiness")
                 client.put_object(Bucket="readiness", Key="probe", Body=b"x")
                 return
             except (BotoCoreError, ClientError):
@@ -343,11 +351,17 @@ class SeaweedServer:
         }
 
     def stop(self) -> None:
+        """Take the S3 endpoint down (the data stays in the cluster behind it)."""
         if self.proc is not None and self.proc.poll() is None:
-            # weed takes seconds to shut down gracefully; the tests' data is throw-away.
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        # weed takes seconds to shut down gracefully; the tests' data is throw-away.
+        self.cluster.kill()
+        self.cluster.wait()
         self.log.close()
 
 
@@ -355,7 +369,7 @@ class SeaweedServer:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
     yield server
-    server.stop()
+    server.close()
 
 
 S3_BUCKET = "urae-tests"

@@ -361,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_s = time.perf_counter() - started
     resident = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     params = sum(p.numel() for p in pipe.transformer.parameters())
+    t5_gib = sum(p.numel() * p.element_size() for p in pipe.text_encoder_2.parameters()) / 2**30
     header = [
         f"device: {name} ({device}); torch {torch.__version__}; model: {model_id}, transformer {params / 1e9:.2f} B "
         f"parameters; built in {build_s:.1f} s, generator set up in {setup_s:.1f} s; resident after load "
-        f"{resident:.2f} GiB (T5 offload: {generator.prompts.offload})",
+        f"{resident:.2f} GiB (T5 offload: {generator.prompts.offload}; T5 weights {t5_gib:.2f} GiB)",
         f"capabilities: {json.dumps(generator.capabilities(), default=str) if hasattr(generator, 'capabilities') else 'n/a'}",
         f"steps timed per row: {args.steps}; 28-step estimate = text + 28 x s/step + decode + PNG; peak = "
         f"{'CUDA max_memory_allocated' if device.type == 'cuda' else 'peak RSS rise (CPU)'}",

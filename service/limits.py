@@ -4,7 +4,8 @@ Starlette parses a body (JSON into memory, multipart into temp files) before any
 the bounds live below the app:
 
 - ``BodyLimitMiddleware`` (pure ASGI, outermost): a Content-Length over the route's limit is answered
-  413 before a byte of the body is read; a streamed or chunked body is cut as soon as it passes the
+  413 at the app's first read of the body (after authentication has had its say), before a byte of
+  it is read; a streamed or chunked body is cut as soon as it passes the
   limit (Starlette's form parser then closes its temp files) and answered 413; too many headers are
   answered 431. Any answer given before the body was read to its end (these, a 401) closes the
   connection, so the rest of the body is never read.
@@ -100,6 +101,7 @@ class BodyLimitMiddleware:
             return
         limit = self.limits.for_route(scope["method"], scope["path"])
         too_large = f"the request body is larger than the limit of {limit} bytes for {scope['method']} {scope['path']}"
+        declared_too_large = False
         for name, value in headers:
             if name == b"content-length":
                 try:
@@ -107,9 +109,9 @@ class BodyLimitMiddleware:
                 except ValueError:
                     await _refuse(send, 400, "Content-Length is not a number")
                     return
-                if declared > limit:
-                    await _refuse(send, 413, too_large)
-                    return
+                # Not answered here: what comes first (a 401 from authentication, a 404) still
+                # answers; the app's first read of the body gets the 413, before a byte is read.
+                declared_too_large = declared > limit
 
         received = 0
         exceeded = False
@@ -122,9 +124,10 @@ class BodyLimitMiddleware:
 
         async def bounded_receive() -> Message:
             nonlocal received, exceeded
-            if exceeded:
-                raise BodyTooLarge(too_large)
             nonlocal body_read
+            if exceeded or declared_too_large:
+                exceeded = True
+                raise BodyTooLarge(too_large)
             message = await receive()
             if message["type"] == "http.request":
                 body_read = not message.get("more_body", False)

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     preview_every: int = Field(default=4, ge=0, le=100)
     preview_max_side: int = Field(default=256, ge=16, le=1024)
     preview_jpeg_quality: int = Field(default=70, ge=10, le=95)
+    # T5-XXL off the GPU between encodes: auto (group offloading on CUDA, none elsewhere), group, none.
+    text_encoder_offload: Literal["auto", "none", "group"] = "auto"
+    # Prompt embeddings kept for repeated prompts (0: none); ~4 MiB of CPU memory each at 512 tokens.
+    prompt_cache_size: int = Field(default=32, ge=0)
+    # zlib level of stored PNGs (0-9); 4 by measurement (BENCHMARKS.md, "PNG encoding").
+    png_compress_level: int = Field(default=4, ge=0, le=9)
     preview_autoencoder: Path | None = None
 
     # Webhooks (Standard Webhooks): the signing secret, "whsec_" + base64; unset: requests naming a

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REDIS_SERVER, REPO_ROOT, WorkerProcess, free_port, wait_for_port
+from tests.conftest import REDIS_SERVER, REPO_ROOT, ApiServer, WorkerProcess, free_port, wait_for_port
 
 SMALL = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 2, "seed": 7}
 # Seconds of work on the tiny model: long enough to be caught in the middle.
@@ -76,6 +76,27 @@ class LimitedWorker(WorkerProcess):
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
             stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=limit,
         )
+
+
+class LimitedApiServer(ApiServer):
+    """The API under uvicorn with a cap on the size of any file it writes (a full disk, as for
+    LimitedWorker): temp spools, staged uploads and stored objects all hit it."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, max_file_bytes: int):
+        self.port = free_port()
+        self.log = open(log_path, "wb")
+        self.log_path = log_path
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "warning"],
+            cwd=REPO_ROOT, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=limit,
+        )
+        wait_for_port(self.port, 30)
 
 
 def files_under(root: Path) -> set[str]:

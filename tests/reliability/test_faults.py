@@ -3,9 +3,13 @@ pickle planted in Redis. After each one the service keeps serving."""
 
 from __future__ import annotations
 
+import io
+import json
 import pickle
 import signal
+import struct
 import time
+import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +21,7 @@ import redis
 
 from jobstore.contract import RUNNING_JOBS_KEY, generate_queue, job_key
 from tests.conftest import ApiServer, auth, wait_for_status
-from tests.reliability.conftest import LONG, SMALL, LimitedWorker, wait_progress
+from tests.reliability.conftest import LONG, SMALL, LimitedApiServer, LimitedWorker, wait_progress
 
 
 def statuses_in_redis(conn: redis.Redis) -> dict[str, str]:
@@ -137,6 +141,62 @@ def test_a_full_disk_fails_the_job_leaves_no_partial_file_and_the_worker_serves_
     after = wait_for_status(http, http.post("/generate", json=SMALL).json()["id"])
     assert after["status"] == "finished", after["error"]
     assert http.get(after["links"]["images"][0]).headers["content-type"] == "image/png"
+
+
+def _safetensors(nbytes: int) -> bytes:
+    count = nbytes // 4
+    header = json.dumps({"x.lora_A.weight": {"dtype": "F32", "shape": [count], "data_offsets": [0, 4 * count]}})
+    return struct.pack("<Q", len(header)) + header.encode() + b"\0" * (4 * count)
+
+
+def _noise_dataset(images: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(images):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(png, format="PNG")
+            archive.writestr(f"img{i}.png", png.getvalue())
+            archive.writestr(f"img{i}.txt", "noise")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size", [200 * 1024, 3 * 1024 * 1024], ids=["stored", "spooled-by-the-parser"])
+def test_a_full_disk_during_an_upload_is_507_with_retry_after_and_leaves_nothing(
+    service_env: dict[str, str], tmp_path: Path, size: int
+) -> None:
+    # 200 KiB passes the form parser in memory and fails where the API stores it; 3 MiB already fails
+    # while the form parser spools it to the temp folder.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    api = LimitedApiServer({**service_env, "TMPDIR": str(temp)}, tmp_path / "api.log", 64 * 1024)
+    storage = Path(service_env["URAE_STORAGE_DIR"])
+    before = {p for p in storage.rglob("*") if p.is_file()}
+    try:
+        with httpx.Client(base_url=api.url, headers=auth(), timeout=60) as http:
+            answers = {
+                "adapter": http.post("/adapters", files={"file": ("a.safetensors", _safetensors(size))},
+                                     data={"name": f"full-disk-{size}"}),
+                "dataset": http.post("/finetune", files={"dataset": ("d.zip", _noise_dataset(size // 40_000 + 1))},
+                                     data={"adapter_name": f"full-disk-{size}", "dataset_name": f"full-disk-{size}",
+                                           "recipe": json.dumps({"resolution": 64})}),
+            }
+            for what, response in answers.items():
+                assert response.status_code == 507, (what, response.status_code, response.text)
+                assert "out of storage space" in response.json()["detail"]
+                assert int(response.headers["Retry-After"]) > 0
+            assert http.get("/health").status_code == 200
+            assert http.get(f"/datasets/full-disk-{size}").status_code == 404
+            assert http.get(f"/adapters/full-disk-{size}").status_code == 404
+    finally:
+        api.stop()
+    after = {p for p in storage.rglob("*") if p.is_file()}
+    assert after - before == set()
+    assert [p for p in temp.rglob("*") if p.is_file()] == []
+    assert "Traceback" not in api.log_path.read_text()
 
 
 def test_the_timeout_alarm_is_not_swallowed_by_the_per_step_cancel_check(

@@ -186,3 +186,36 @@ def test_delete_adapter_fails_queued_jobs_that_use_it(http: Any, worker: Any, ad
     assert job["status"] == "failed"
     assert "short-lived" in job["error"] and "deleted" in job["error"]
     assert http.delete("/adapters/urae-2k").status_code == 409
+
+
+def test_a_queued_job_fails_rather_than_use_a_replaced_adapter(
+    http: Any, worker: Any, adapter_files: dict[str, Path]
+) -> None:
+    assert upload(http, "versioned", adapter_files["a"]).status_code == 201
+    blocker = http.post("/generate", json=LONG).json()["id"]
+    wait_for_status(http, blocker, ("started",))
+    queued = http.post("/generate", json={**SMALL, "adapters": [{"name": "versioned"}]}).json()["id"]
+    # The replacement is converted first (its import job has the higher priority).
+    assert upload(http, "versioned", adapter_files["b"], replace="true").status_code in (201, 202)
+    http.delete(f"/jobs/{blocker}")
+    job = wait_for_status(http, queued)
+    assert job["status"] == "failed"
+    assert "adapter 'versioned' changed since the job was submitted" in job["error"]
+    # A job submitted now uses the new version.
+    assert generate_pixels(http, {**SMALL, "adapters": [{"name": "versioned"}]}).shape == (64, 64, 3)
+
+
+def test_a_failing_jobs_error_names_no_server_path(
+    http: Any, worker: Any, adapter_files: dict[str, Path], service_env: dict[str, str]
+) -> None:
+    assert upload(http, "lost-file", adapter_files["a"]).status_code == 201
+    stored = Path(service_env["URAE_STORAGE_DIR"]) / "adapters" / "lost-file"
+    for path in Path(service_env["URAE_STORAGE_DIR"]).glob("adapters/lost-file/*"):
+        # The object was truncated behind the registry's back: the library's error names the file
+        # by its full path ("<path>: file is 0 bytes, ...").
+        path.write_bytes(b"")
+    job = wait_for_status(http, http.post("/generate", json={**SMALL, "adapters": [{"name": "lost-file"}]}).json()["id"])
+    assert job["status"] == "failed"
+    assert job["error"] and service_env["URAE_STORAGE_DIR"] not in job["error"]
+    assert "/adapters/" not in job["error"] and str(stored) not in job["error"]
+    assert "too short to hold a safetensors header" in job["error"]

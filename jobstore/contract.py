@@ -199,8 +199,11 @@ class GeneratePayload(BaseModel):
     num_images: int = 1
     adapters: list[AdapterWeight] = []
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    # Registered adapter name -> the version the job was submitted with; the worker refuses another.
+    adapter_versions: dict[str, str] = {}
     # A preview every this many steps; 0: none; None: the worker's URAE_PREVIEW_EVERY.
     preview_every: int | None = Field(default=None, ge=0, le=MAX_PREVIEW_EVERY)
+    tier: Tier = "quality"
 
 
 class AdapterImportPayload(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from jobstore.contract import (
     GENERATE_QUEUES,
     JOB_COUNTS_KEY,
     JOB_FUNCTIONS,
+    KEY_PREFIX,
     RUNNING_JOBS_KEY,
     STATUS_WEBHOOK_EVENTS,
     TERMINAL_STATUSES,
@@ -88,6 +90,20 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def owner_jobs_key(owner: str) -> str:
+    """Set of the ids of an owner's jobs that may still be waiting (pruned when counted)."""
+    return f"{KEY_PREFIX}:owner:{owner}:jobs"
+
+
+# An absolute file path (two or more components); "http://host/x" is left alone.
+_ABS_PATH_RE = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/:,;()\[\]]+/)+([^\s'\"/:,;()\[\]]*)")
+
+
+def redact_paths(message: str) -> str:
+    """A job error as clients may see it: every absolute server path reduced to its file name."""
+    return _ABS_PATH_RE.sub(lambda m: m.group(1) or "(a server folder)", message)
+
+
 _QUEUED_EVENT = json.dumps({"type": "status", "status": "queued"}, separators=(",", ":"))
 
 
@@ -139,6 +155,7 @@ class JobRecords:
         pipe.xadd(job_events_key(job_id), {"data": _QUEUED_EVENT})
         pipe.hincrby(JOB_COUNTS_KEY, str(JobStatus.QUEUED), 1)
         self._enqueue(job_id, job_id, kind, queue, payload, timeout_s, pipe)
+        pipe.sadd(owner_jobs_key(owner), job_id)
         pipe.llen(rq_queue_key(queue))
         queue_length = int(pipe.execute()[-1])
         return {**self._with_defaults({"id": job_id, **stored}), "queue_length": queue_length}
@@ -164,6 +181,21 @@ class JobRecords:
         if not raw:
             raise JobNotFound(job_id)
         return self._decode({b"id": job_id.encode(), **raw})
+
+    def queued_count(self, owner: str) -> int:
+        """How many of ``owner``'s jobs wait in a queue now; ended or expired jobs are forgotten."""
+        key = owner_jobs_key(owner)
+        members = [_text(m) for m in self.conn.smembers(key)]
+        if not members:
+            return 0
+        pipe = self.conn.pipeline(transaction=False)
+        for job_id in members:
+            pipe.hget(job_key(job_id), "status")
+        statuses = [None if s is None else _text(s) for s in pipe.execute()]
+        ended = [j for j, s in zip(members, statuses, strict=True) if s is None or s in TERMINAL_STATUSES]
+        if ended:
+            self.conn.srem(key, *ended)
+        return sum(1 for s in statuses if s == JobStatus.QUEUED)
 
     def status(self, job_id: str) -> str | None:
         value = self.conn.hget(job_key(job_id), "status")
@@ -235,7 +267,9 @@ class JobRecords:
         )
 
     def fail(self, job_id: str, error: str, timings: dict[str, float] | None = None) -> bool:
+        """Any status but an end one -> failed, with a reason that names no server path."""
         self.conn.hdel(RUNNING_JOBS_KEY, job_id)
+        error = redact_paths(error)
         fields: dict[str, Any] = {"ended_at": time.time(), "error": error}
         if timings is not None:
             fields["timings"] = timings
@@ -246,6 +280,7 @@ class JobRecords:
     def cancel_done(self, job_id: str, message: str, timings: dict[str, float] | None = None) -> bool:
         """started -> canceled, after the runner stopped on a cancel request."""
         self.conn.hdel(RUNNING_JOBS_KEY, job_id)
+        message = redact_paths(message)
         fields: dict[str, Any] = {"ended_at": time.time(), "error": message}
         if timings is not None:
             fields["timings"] = timings

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     # Comma-separated API keys, or their SHA-256 hex digests (preferred: the keys never sit in the env).
     api_keys: str = ""
     api_key_hashes: str = ""
+    # Admin keys (plain or SHA-256 digests): valid keys that also see and manage every key's resources.
+    admin_keys: str = ""
+    admin_key_hashes: str = ""
     # Without keys, only an explicit development mode opens the API to anyone.
     dev_open_access: bool = False
 
@@ -78,6 +81,12 @@ class Settings(BaseSettings):
     worker_max_pixels: int | None = Field(default=None, ge=64 * 64)
 
     max_queue_depth: int = Field(default=100, ge=1)
+    # Jobs one key may have waiting in the queues at once (0: no limit beyond the queue depth).
+    max_queued_jobs_per_key: int = Field(default=50, ge=0)
+    # Bytes one key may keep on the server: images, datasets, adapters (0: no quota).
+    storage_quota_bytes: int = Field(default=20 * 1024**3, ge=0)
+    # An uploaded dataset no fine-tune has used for this long is deleted (0: kept until deleted).
+    dataset_ttl_s: int = Field(default=30 * 24 * 3600, ge=0)
     retry_after_s: int = Field(default=10, ge=1)
     # With no live worker for the model at all: queue anyway (False) or answer 503 (True).
     require_live_worker: bool = False
@@ -173,17 +182,6 @@ class Settings(BaseSettings):
             )
         return self
 
-    @property
-    def key_hashes(self) -> tuple[str, ...]:
-        """SHA-256 hex digests of every accepted API key; the plain keys are not kept elsewhere."""
-        hashes = [hash_api_key(k.strip()) for k in self.api_keys.split(",") if k.strip()]
-        hashes += [h.strip().lower() for h in self.api_key_hashes.split(",") if h.strip()]
-        return tuple(hashes)
-
-    @property
-    def open_access(self) -> bool:
-        return not self.key_hashes and self.dev_open_access and self.env == "development"
-
     @model_validator(mode="after")
     def _check_storage_url(self) -> Settings:
         url = self.storage_url
@@ -203,6 +201,24 @@ class Settings(BaseSettings):
     @property
     def local_cache_dir(self) -> Path:
         return self.cache_dir or self.storage_dir / "cache"
+
+    @property
+    def key_hashes(self) -> tuple[str, ...]:
+        """SHA-256 hex digests of every accepted API key; the plain keys are not kept elsewhere."""
+        hashes = [hash_api_key(k.strip()) for k in self.api_keys.split(",") if k.strip()]
+        hashes += [h.strip().lower() for h in self.api_key_hashes.split(",") if h.strip()]
+        return tuple(dict.fromkeys([*hashes, *self.admin_hashes]))
+
+    @property
+    def admin_hashes(self) -> tuple[str, ...]:
+        """SHA-256 hex digests of the admin keys (also in ``key_hashes``)."""
+        hashes = [hash_api_key(k.strip()) for k in self.admin_keys.split(",") if k.strip()]
+        hashes += [h.strip().lower() for h in self.admin_key_hashes.split(",") if h.strip()]
+        return tuple(hashes)
+
+    @property
+    def open_access(self) -> bool:
+        return not self.key_hashes and self.dev_open_access and self.env == "development"
 
     @property
     def max_pixels(self) -> int:

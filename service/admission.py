@@ -6,6 +6,7 @@ live worker can serve is refused at once instead of waiting forever.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -13,10 +14,13 @@ from typing import Any
 
 import redis
 
-from jobstore.contract import ADAPTERS_KEY, BUILTIN_ADAPTERS, GENERATE_QUEUES, JobKind
+from jobstore.contract import ADAPTERS_KEY, BUILTIN_ADAPTERS, GENERATE_QUEUES, TIERS, JobKind
+from jobstore.jobs import JobRecords
 from jobstore.queues import rq_queue_key
 from jobstore.settings import Settings
+from jobstore.usage import usage
 from jobstore.workers import live_workers
+from service.auth import Principal
 
 
 class ApiError(Exception):
@@ -30,15 +34,71 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def check_adapters_exist(conn: redis.Redis, names: list[str]) -> None:
-    """422 naming the first adapter that is neither built in nor registered."""
+def check_adapters_exist(
+    conn: redis.Redis, names: list[str], principal: Principal | None = None, field: str = "adapters[{index}].name"
+) -> dict[str, str]:
+    """422 naming the first adapter that is neither built in nor registered (nor visible to the
+    caller: another key's adapter answers exactly like a missing one). Returns the version of every
+    registered adapter named, to pin the job to the files it was submitted with."""
     custom = [n for n in names if n not in BUILTIN_ADAPTERS]
     if not custom:
-        return
+        return {}
     registered = dict(zip(custom, conn.hmget(ADAPTERS_KEY, custom), strict=True))
+    versions: dict[str, str] = {}
     for index, name in enumerate(names):
-        if name in registered and registered[name] is None:
-            raise ApiError(422, f"adapter {name!r} does not exist (see GET /adapters)", field=f"adapters[{index}].name")
+        if name not in registered:
+            continue
+        raw = registered[name]
+        record = json.loads(raw) if raw is not None else None
+        if record is None or (principal is not None and not principal.can_access(record.get("owner"))):
+            raise ApiError(422, f"adapter {name!r} does not exist (see GET /adapters)", field=field.format(index=index))
+        versions[name] = str(record.get("version", ""))
+    return versions
+
+
+def check_queued_per_key(records: JobRecords, principal: Principal, settings: Settings) -> None:
+    """429 with Retry-After when this key already has its maximum of jobs waiting."""
+    limit = settings.max_queued_jobs_per_key
+    if limit and records.queued_count(principal.key_id) >= limit:
+        raise ApiError(
+            429,
+            f"this API key already has {limit} jobs waiting (URAE_MAX_QUEUED_JOBS_PER_KEY); retry when some have started",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
+
+
+def storage_left(conn: redis.Redis, principal: Principal, settings: Settings) -> int | None:
+    """Bytes this key may still store; None without a quota."""
+    if not settings.storage_quota_bytes:
+        return None
+    return max(0, settings.storage_quota_bytes - usage(conn, principal.key_id))
+
+
+def quota_error(settings: Settings, left: int, incoming: int | None, field: str | None) -> ApiError:
+    """413: what the key stores plus ``incoming`` bytes would exceed its quota."""
+    used = settings.storage_quota_bytes - left
+    size = f"{incoming} more bytes" if incoming is not None else "this upload"
+    return ApiError(
+        413,
+        f"storage quota exceeded: this API key stores {used} of its {settings.storage_quota_bytes} bytes "
+        f"(URAE_STORAGE_QUOTA_BYTES) and {size} would not fit; delete datasets or adapters, or wait for old "
+        f"images to expire",
+        field=field,
+    )
+
+
+def check_storage_quota(
+    conn: redis.Redis, principal: Principal, settings: Settings, incoming: int | None, field: str | None
+) -> int | None:
+    """Refuse (413) before anything is stored when the key is over its quota or ``incoming`` bytes
+    (a declared Content-Length) do not fit. Returns the bytes left (None: no quota), to bound the
+    copy while the bytes arrive."""
+    left = storage_left(conn, principal, settings)
+    if left is None:
+        return None
+    if left <= 0 or (incoming is not None and incoming > left):
+        raise quota_error(settings, left, incoming, field)
+    return left
 
 
 def check_queue_depth(conn: redis.Redis, queue: str, settings: Settings, depth: int | None = None) -> None:
@@ -78,9 +138,14 @@ class WorkerDirectory:
 
 
 def check_capability(
-    conn: redis.Redis, settings: Settings, width: int, height: int, directory: WorkerDirectory | None = None
+    conn: redis.Redis,
+    settings: Settings,
+    width: int,
+    height: int,
+    directory: WorkerDirectory | None = None,
+    tier: str = "quality",
 ) -> None:
-    """Refuse a size that no live worker advertises it can generate."""
+    """Refuse a tier, or a size at that tier, that no live worker advertises it can generate."""
     if directory is not None:
         workers = directory.serving(conn, settings, JobKind.GENERATE)
     else:
@@ -93,6 +158,15 @@ def check_capability(
                 headers={"Retry-After": str(settings.retry_after_s)},
             )
         return
+    # A worker from before tiers existed serves quality only.
+    served = sorted({t for w in workers for t in w.get("tiers", ["quality"])}, key=TIERS.index)
+    workers = [w for w in workers if tier in w.get("tiers", ["quality"])]
+    if not workers:
+        raise ApiError(
+            422,
+            f"no live worker serves the {tier} tier (served now: {', '.join(served)}); fast needs fp8 GPU workers",
+            field="tier",
+        )
     largest = max(int(w.get("max_pixels", 0)) for w in workers)
     if width * height > largest:
         raise ApiError(
@@ -109,3 +183,26 @@ def generate_queue_lengths(conn: redis.Redis) -> dict[str, int]:
     for name in GENERATE_QUEUES:
         pipe.llen(rq_queue_key(name))
     return dict(zip(GENERATE_QUEUES, (int(n) for n in pipe.execute()), strict=True))
+
+
+def check_name_free(conn: redis.Redis, principal: Principal, name: str, replace: bool, field: str) -> None:
+    """409 unless ``name`` may receive a new adapter: unused, or the caller's own and ``replace``.
+
+    Adapter names are one namespace for every key: another key's name is taken, whatever ``replace``
+    says (an admin may replace any).
+    """
+    if name in BUILTIN_ADAPTERS:
+        raise ApiError(409, f"{name!r} is the name of a built-in adapter", field=field)
+    raw = conn.hget(ADAPTERS_KEY, name)
+    if raw is None:
+        return
+    if not principal.can_access(json.loads(raw).get("owner")):
+        raise ApiError(409, f"the adapter name {name!r} is taken; choose another name", field=field)
+    if not replace:
+        raise ApiError(409, f"adapter {name!r} already exists (send replace=true to replace it)", field=field)
+
+
+def declared_length(request: Any) -> int | None:
+    """The request's Content-Length, when it declares a sane one."""
+    value = request.headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() and len(value) <= 18 else None

@@ -15,31 +15,42 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobstore.datasets import sweep_unused_datasets
 from jobstore.jobs import JobRecords
 from jobstore.queues import connect
 from jobstore.retention import sweep_expired_outputs
 from jobstore.settings import Settings, get_settings
-from jobstore.storage import LocalStorage, StorageKeyError
+from jobstore.storage import Storage, StorageKeyError, StorageUnavailable, open_storage
 from service.admission import ApiError, WorkerDirectory
+from service.auth import AuthMiddleware
 from service.limits import BodyLimitMiddleware, BodyLimits, bounded_httptools_protocol
-from service.routers import adapters, finetune, generate, health, jobs, playground
+from service.routers import adapters, datasets, finetune, generate, health, jobs, playground
+from service.uploads import DISK_FULL_ERRNOS
 
 log = logging.getLogger("urae.service")
 
 DESCRIPTION = """
 Ultra-high-resolution (2K/4K) FLUX.1 text-to-image generation with URAE adapters, and URAE fine-tuning.
-Every route except `/health` needs `Authorization: Bearer <key>`.
+Every route except `/health` (and the playground's static files) needs `Authorization: Bearer <key>`;
+a request without a valid key is refused with 401 before its body is read. Each key is a tenant: it
+sees only the jobs, datasets and adapters it created (admin keys see everything).
 """
 
+
+# Writes that fail because the disk (or a quota, or a file size limit) is full: the server's problem.
+DISK_FULL_BODY = {"detail": "the server is out of storage space; nothing was stored, retry later"}
+DISK_FULL_RETRY_S = 60
 
 # How often the maintenance thread looks for the images of expired jobs.
 OUTPUT_SWEEP_INTERVAL_S = 300.0
 
 
-def _reaper(records: JobRecords, storage: LocalStorage, settings: Settings, stop: threading.Event) -> None:
+def _reaper(records: JobRecords, storage: Storage, settings: Settings, stop: threading.Event) -> None:
     # Fails (or retries) jobs whose worker died, even when no worker is left to notice; deletes the
     # images of jobs whose records have expired.
     next_sweep = 0.0
@@ -52,8 +63,11 @@ def _reaper(records: JobRecords, storage: LocalStorage, settings: Settings, stop
                 removed = sweep_expired_outputs(records.conn, storage, settings.result_ttl_s)
                 if removed:
                     log.info("deleted the images of %d expired job(s)", len(removed))
-        except redis.RedisError:
-            pass  # Redis down: /ready and the 503 answers report it; try again next round
+                unused = sweep_unused_datasets(records.conn, storage, settings.dataset_ttl_s)
+                if unused:
+                    log.info("deleted %d dataset(s) unused for %d s: %s", len(unused), settings.dataset_ttl_s, unused)
+        except (redis.RedisError, StorageUnavailable):
+            pass  # Redis or the object store down: the 503 answers report it; try again next round
 
 
 def _notice_shutdown() -> asyncio.Event:
@@ -95,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_connect_timeout=settings.redis_socket_timeout_s,
         )
         app.state.records = JobRecords(app.state.redis, settings.result_ttl_s)
-        app.state.storage = LocalStorage(settings.storage_dir)
+        app.state.storage = open_storage(settings)
         app.state.workers = WorkerDirectory(settings.worker_info_cache_s)
         app.state.shutting_down = _notice_shutdown()
         stop = threading.Event()
@@ -112,10 +126,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.redis.close()
 
     app = FastAPI(title="urae-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    for router in (generate.router, jobs.router, adapters.router, finetune.router, health.router, playground.router):
+    for router in (generate.router, jobs.router, adapters.router, finetune.router, datasets.router, health.router,
+                   playground.router):
         app.include_router(router)
-    # Bodies are bounded per route while they arrive, whoever sends them, and an answer given before
-    # the body was read closes the connection instead of draining the body.
+    # Outermost of the application's own layers: a request without a valid key never reaches the
+    # router, so its body is never read.
+    app.add_middleware(AuthMiddleware, settings=settings)
+    # Outside it: bodies are bounded per route while they arrive, whoever sends them, and an answer
+    # given before the body was read (a 401) closes the connection instead of draining the body.
     app.add_middleware(BodyLimitMiddleware, limits=BodyLimits.from_settings(settings))
     _install_error_handlers(app)
     return app
@@ -143,6 +161,29 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(redis.TimeoutError)
     async def redis_down(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": "the job store (Redis) is unavailable; retry later"}, 503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(OSError)
+    async def storage_failure(request: Request, exc: OSError) -> JSONResponse:
+        if exc.errno in DISK_FULL_ERRNOS:
+            log.error("storage full while serving %s %s: %s", request.method, request.url.path, exc.strerror)
+            return JSONResponse(DISK_FULL_BODY, 507, headers={"Retry-After": str(DISK_FULL_RETRY_S)})
+        log.error("I/O error while serving %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error: the server could not read or write its storage"}, 500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        # FastAPI turns any failure while parsing a form into "400: error parsing the body"; when the
+        # cause was a full temp disk the server is at fault, not the client.
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
+            log.error("storage full while reading the body of %s %s", request.method, request.url.path)
+            return JSONResponse(DISK_FULL_BODY, 507, headers={"Retry-After": str(DISK_FULL_RETRY_S)})
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(StorageUnavailable)
+    async def storage_down(_: Request, exc: StorageUnavailable) -> JSONResponse:
+        log.warning("storage unavailable: %s", exc)
+        return JSONResponse({"detail": "the object store is unavailable; retry later"}, 503, headers={"Retry-After": "5"})
 
     @app.exception_handler(StorageKeyError)
     async def bad_key(_: Request, exc: StorageKeyError) -> JSONResponse:
@@ -179,5 +220,4 @@ def main() -> None:
         http=bounded_httptools_protocol(settings.max_header_bytes),
         timeout_graceful_shutdown=max(1, math.ceil(settings.api_shutdown_grace_s)),
     )
-
 

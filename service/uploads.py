@@ -9,6 +9,7 @@ ever visible.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -46,6 +47,10 @@ _ZIP_ENTRY_MAX = 1024
 MAX_CAPTION_BYTES = 1024 * 1024
 _MEMBER_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,199}$")
 _CHUNK = 1024 * 1024
+
+
+# A write that failed for lack of space (disk, quota, file size limit) rather than bad input.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class UploadError(ValueError):
@@ -357,7 +362,11 @@ def extract_dataset(archive_path: Path, dest: Path, limits: ArchiveLimits) -> in
             raise UploadError("the archive holds no images (.png, .jpg, .jpeg, .webp)")
         os.replace(staging, dest)
         return images
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise  # the server's disk is full: not the archive's fault (the API answers 507)
+        raise UploadError(f"the archive is damaged: {exc.strerror or type(exc).__name__}") from None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
         raise UploadError(f"the archive is damaged: {exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,7 +15,8 @@ from jobstore.contract import BUILTIN_ADAPTERS
 from jobstore.jobs import JobRecords
 from jobstore.queues import connect
 from jobstore.settings import Settings, get_settings
-from jobstore.storage import LocalStorage
+from jobstore.storage import Storage, open_storage
+from worker.image_writer import ImageWriter
 
 if TYPE_CHECKING:
     from urae.generate import Generator
@@ -27,12 +28,16 @@ class Runtime:
     name: str
     conn: redis.Redis
     records: JobRecords
-    storage: LocalStorage
+    storage: Storage
     pid: int = field(default_factory=os.getpid)
     generator: Generator | None = None
     current_job: str | None = None
     # Set by SIGTERM: past this monotonic time the running job is stopped and put back in the queue.
     shutdown_deadline: float | None = None
+    # Adapter name -> version the running job was submitted with (see resolve_adapter).
+    pinned_versions: dict[str, str] = field(default_factory=dict)
+    # Encodes and stores finished jobs' images while the next job runs (see worker.image_writer).
+    image_writer: ImageWriter = field(default_factory=ImageWriter)
 
     def shutdown_overdue(self) -> bool:
         return self.shutdown_deadline is not None and time.monotonic() >= self.shutdown_deadline
@@ -47,7 +52,23 @@ class Runtime:
         record = get_adapter(self.conn, name)
         if record is None:
             raise AdapterNotFoundError(f"adapter {name!r} was deleted or was never registered")
-        return self.storage.path(record["object"])
+        pinned = self.pinned_versions.get(name)
+        if pinned is not None and record.get("version") != pinned:
+            raise AdapterNotFoundError(
+                f"adapter {name!r} changed since the job was submitted (it was replaced); submit the job again "
+                "to use the new version"
+            )
+        return self.storage.local_file(record["object"])
+
+    def adapter_source(self, name: str) -> Path | tuple[Path, str]:
+        """What the generator loads: the file, with the SHA-256 the registry recorded when the adapter
+        was registered (so a worker never hashes a registered file again)."""
+        path = self.resolve_adapter(name)
+        if name in BUILTIN_ADAPTERS:
+            return path
+        record = get_adapter(self.conn, name)
+        sha = record.get("sha256") if record is not None else None
+        return (path, sha) if isinstance(sha, str) and sha else path
 
 
 _runtime: Runtime | None = None
@@ -63,7 +84,7 @@ def init_runtime(name: str, settings: Settings | None = None) -> Runtime:
         name=name,
         conn=conn,
         records=JobRecords(conn, settings.result_ttl_s),
-        storage=LocalStorage(settings.storage_dir),
+        storage=open_storage(settings),
     )
     return _runtime
 

@@ -37,8 +37,19 @@ from jobstore.contract import (
 )
 from jobstore.jobs import JobRecords, new_job_id
 from jobstore.settings import Settings
-from jobstore.storage import LocalStorage
-from service.admission import ApiError, check_queue_depth
+from jobstore.storage import Storage
+from jobstore.usage import charge
+from service.admission import (
+    ApiError,
+    check_adapters_exist,
+    check_name_free,
+    check_queue_depth,
+    check_queued_per_key,
+    check_storage_quota,
+    declared_length,
+    quota_error,
+)
+from service.auth import Principal
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDep
 from service.routers.jobs import job_public
 from service.schemas import AdapterList, AdapterPublic, ErrorBody, JobPublic
@@ -69,30 +80,35 @@ def _builtin(name: str) -> AdapterPublic:
 
 
 @router.get("", response_model=AdapterList)
-def adapters_index(_: ApiKeyDep, conn: RedisDep) -> AdapterList:
-    """Built-in adapters and every registered one."""
-    registered = [AdapterPublic(**a) for a in list_adapters(conn)]
+def adapters_index(principal: ApiKeyDep, conn: RedisDep) -> AdapterList:
+    """Built-in adapters and the caller's own (an admin key sees every registered one)."""
+    registered = [AdapterPublic(**a) for a in list_adapters(conn) if principal.can_access(a.get("owner"))]
     return AdapterList(adapters=[_builtin(n) for n in BUILTIN_ADAPTERS] + registered)
 
 
 @router.get("/{name}", response_model=AdapterPublic, responses=ERRORS)
-def adapter_detail(name: AdapterName, _: ApiKeyDep, conn: RedisDep) -> AdapterPublic:
+def adapter_detail(name: AdapterName, principal: ApiKeyDep, conn: RedisDep) -> AdapterPublic:
     if name in BUILTIN_ADAPTERS:
         return _builtin(name)
     record = get_adapter(conn, name)
-    if record is None:
+    if record is None or not principal.can_access(record.get("owner")):
         raise ApiError(404, f"adapter {name!r} not found")
     return AdapterPublic(**record)
 
 
 @router.delete("/{name}", status_code=204, responses={**ERRORS, 409: {"model": ErrorBody}})
-def adapter_delete(name: AdapterName, _: ApiKeyDep, conn: RedisDep, storage: StorageDep) -> None:
+def adapter_delete(name: AdapterName, principal: ApiKeyDep, conn: RedisDep, storage: StorageDep) -> None:
     """Unregister an adapter and delete its file; queued jobs that name it will fail at start."""
     if name in BUILTIN_ADAPTERS:
         raise ApiError(409, f"{name!r} is a built-in adapter and cannot be deleted")
-    if unregister_adapter(conn, name) is None:
+    record = get_adapter(conn, name)
+    if record is None or not principal.can_access(record.get("owner")):
+        raise ApiError(404, f"adapter {name!r} not found")
+    removed = unregister_adapter(conn, name)
+    if removed is None:
         raise ApiError(404, f"adapter {name!r} not found")
     storage.delete(f"adapters/{name}")
+    charge(conn, removed.get("owner", ""), -int(removed.get("size_bytes", 0)))
 
 
 @router.post(
@@ -106,7 +122,7 @@ async def adapter_upload(
     file: Annotated[UploadFile, File(description="a .safetensors LoRA or URAE minor-component adapter")],
     name: Annotated[str, Form(pattern=ADAPTER_NAME_PATTERN)],
     request: Request,
-    _: ApiKeyDep,
+    principal: ApiKeyDep,
     settings: SettingsDep,
     conn: RedisDep,
     records: RecordsDep,
@@ -125,7 +141,8 @@ async def adapter_upload(
     """Upload an adapter. The header is checked here; a worker checks that it fits the base model and
     converts a minor-component file into the served form (a plain LoRA)."""
     accept = functools.partial(
-        _accept_upload, file, name, settings, conn, records, storage, description, replace, base_adapter
+        _accept_upload, file, name, request, principal, settings, conn, records, storage, description, replace,
+        base_adapter,
     )
     job_id = await anyio.to_thread.run_sync(accept, limiter=_upload_threads())
     # Waiting for the worker holds no server thread: the event loop polls the job's status.
@@ -143,36 +160,40 @@ async def _wait_until_ended(aredis: aioredis.Redis, job_id: str, timeout_s: floa
 
 
 def _accept_upload(
-    file: UploadFile, name: str, settings: Settings, conn: redis.Redis, records: JobRecords, storage: LocalStorage,
-    description: str, replace: bool, base_adapter: str | None = None,
+    file: UploadFile, name: str, request: Request, principal: Principal, settings: Settings, conn: redis.Redis,
+    records: JobRecords, storage: Storage, description: str, replace: bool, base_adapter: str | None = None,
 ) -> str:
     """Check, store and enqueue the upload (blocking I/O: run in the thread pool); the import job's id."""
     if name in BUILTIN_ADAPTERS:
         raise ApiError(409, f"{name!r} is the name of a built-in adapter", field="name")
     if name == NO_BASE_ADAPTER:
         raise ApiError(422, f"{name!r} is reserved (base_adapter={NO_BASE_ADAPTER} means no base adapter)", field="name")
-    if base_adapter not in (None, NO_BASE_ADAPTER, *BUILTIN_ADAPTERS) and get_adapter(conn, base_adapter) is None:
-        raise ApiError(422, f"adapter {base_adapter!r} does not exist (see GET /adapters)", field="base_adapter")
-    if not replace and get_adapter(conn, name) is not None:
-        raise ApiError(409, f"adapter {name!r} already exists (send replace=true to replace it)", field="name")
+    if base_adapter not in (None, NO_BASE_ADAPTER):
+        check_adapters_exist(conn, [base_adapter], principal, field="base_adapter")
+    check_name_free(conn, principal, name, replace, "name")
     check_queue_depth(conn, ADAPTER_IMPORT_QUEUE, settings)
+    check_queued_per_key(records, principal, settings)
+    left = check_storage_quota(conn, principal, settings, declared_length(request), "file")
+    limit = settings.max_adapter_bytes if left is None else min(settings.max_adapter_bytes, left)
     job_id = new_job_id()
     key = upload_object(job_id, ".safetensors")
     try:
-        with spooled_upload(file.file, storage.path("uploads"), settings.max_adapter_bytes, "the adapter file") as tmp:
+        with spooled_upload(file.file, storage.staging_dir(), limit, "the adapter file") as tmp:
             summary = check_safetensors(tmp)
             _check_base_adapter(summary, base_adapter)
             storage.put_file(key, tmp)
     except UploadError as exc:
-        code = 413 if "larger than the limit" in str(exc) else 422
-        raise ApiError(code, str(exc), field="file") from None
+        too_large = "larger than the limit" in str(exc)
+        if too_large and left is not None and limit < settings.max_adapter_bytes:
+            raise quota_error(settings, left, None, "file") from None
+        raise ApiError(413 if too_large else 422, str(exc), field="file") from None
 
     payload = AdapterImportPayload(
         job_id=job_id, name=name, upload=key, description=description, base_adapter=base_adapter
     )
     records.create_and_enqueue(
         job_id, JobKind.ADAPTER_IMPORT, ADAPTER_IMPORT_QUEUE, payload.model_dump(), priority="high",
-        timeout_s=settings.job_timeout_s,
+        owner=principal.key_id, timeout_s=settings.job_timeout_s,
     )
     return job_id
 

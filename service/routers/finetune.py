@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from pydantic import ValidationError
 
 from jobstore.contract import (
@@ -17,8 +20,19 @@ from jobstore.contract import (
     JobKind,
     dataset_prefix,
 )
+from jobstore.datasets import get_dataset, register_dataset, use_dataset
 from jobstore.jobs import new_job_id
-from service.admission import ApiError, check_adapters_exist, check_queue_depth
+from jobstore.storage import ObjectExists
+from service.admission import (
+    ApiError,
+    check_adapters_exist,
+    check_name_free,
+    check_queue_depth,
+    check_queued_per_key,
+    check_storage_quota,
+    declared_length,
+    quota_error,
+)
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDep
 from service.routers.jobs import job_public
 from service.schemas import ErrorBody, FinetuneRecipe, JobPublic
@@ -36,8 +50,9 @@ router = APIRouter(tags=["finetune"])
                413: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}},
 )
 def submit_finetune(
+    request: Request,
     response: Response,
-    owner: ApiKeyDep,
+    principal: ApiKeyDep,
     settings: SettingsDep,
     conn: RedisDep,
     records: RecordsDep,
@@ -51,10 +66,15 @@ def submit_finetune(
     webhook_events: Annotated[str | None, Form(
         max_length=200, description="comma-separated: started, progress, completed, failed, canceled "
                                     "(default: completed, failed, canceled)")] = None,
+    replace: Annotated[bool, Form(description="replace an adapter of yours that has this name")] = False,
 ) -> JobPublic:
-    """Queue a fine-tune. Progress reports step, loss and ETA; on success the adapter is registered."""
+    """Queue a fine-tune. Progress reports step, loss and ETA; on success the adapter is registered.
+
+    Like an upload, a fine-tune onto an existing adapter name is refused (409) unless ``replace=true``.
+    """
     if adapter_name in BUILTIN_ADAPTERS:
         raise ApiError(409, f"{adapter_name!r} is the name of a built-in adapter", field="adapter_name")
+    check_name_free(conn, principal, adapter_name, replace, "adapter_name")
     try:
         parsed = FinetuneRecipe.model_validate(json.loads(recipe))
     except json.JSONDecodeError:
@@ -65,26 +85,45 @@ def submit_finetune(
         reason = "is not a training parameter the API accepts" if first["type"] == "extra_forbidden" else first["msg"]
         raise ApiError(422, f"recipe.{field}: {reason}", field=f"recipe.{field}") from None
     if parsed.base_adapter is not None:
-        check_adapters_exist(conn, [parsed.base_adapter])
+        check_adapters_exist(conn, [parsed.base_adapter], principal, field="recipe.base_adapter")
     check_queue_depth(conn, FINETUNE_QUEUE, settings)
     events = [e.strip() for e in webhook_events.split(",") if e.strip()] if webhook_events is not None else None
     webhook_target = check_webhook(settings, webhook, events)
+    check_queued_per_key(records, principal, settings)
 
     job_id = new_job_id()
     if dataset is not None:
         name = dataset_name or f"{adapter_name}-{job_id[:8]}"
-        dest = storage.path(dataset_prefix(name))
-        limits = ArchiveLimits(settings.max_dataset_files, settings.max_dataset_uncompressed_bytes,
+        if storage.tree_exists(dataset_prefix(name)):
+            raise ApiError(409, f"dataset {name!r} already exists", field="dataset")
+        left = check_storage_quota(conn, principal, settings, declared_length(request), "dataset")
+        expand = settings.max_dataset_uncompressed_bytes
+        limits = ArchiveLimits(settings.max_dataset_files, expand if left is None else min(expand, left),
                                min_image_long_side(parsed.recipe, parsed.resolution))
+        # Spooled and checked on this host, then stored as a whole (visible once every file is in).
+        staging = Path(tempfile.mkdtemp(dir=storage.staging_dir(), prefix=".tmp-"))
+        dest = staging / name
         try:
-            with spooled_upload(dataset.file, storage.path("uploads"), settings.max_dataset_bytes, "the dataset upload") as tmp:
-                extract_dataset(tmp, dest, limits)
+            with spooled_upload(dataset.file, staging, settings.max_dataset_bytes, "the dataset upload") as tmp:
+                images = extract_dataset(tmp, dest, limits)
+            files = [entry.stat().st_size for entry in dest.iterdir() if entry.is_file()]
+            storage.put_tree(dataset_prefix(name), dest)
+        except ObjectExists:
+            raise ApiError(409, f"dataset {name!r} already exists", field="dataset") from None
         except UploadError as exc:
+            if "expand" in str(exc) and left is not None and limits.max_total_bytes < expand:
+                raise quota_error(settings, left, None, "dataset") from None
             status = 409 if "already exists" in str(exc) else 413 if "larger than the limit" in str(exc) else 422
             raise ApiError(status, str(exc), field="dataset") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        register_dataset(conn, name, principal.key_id, sum(files), len(files), images)
     elif dataset_name is not None:
         name = dataset_name
-        if not storage.path(dataset_prefix(name)).is_dir():
+        record = get_dataset(conn, name)
+        # A folder an operator put on the server without the API has no record: admin keys only.
+        visible = principal.can_access(record.get("owner")) if record is not None else principal.admin
+        if not visible or not storage.tree_exists(dataset_prefix(name)):
             raise ApiError(404, f"dataset {name!r} is not on the server", field="dataset_name")
     else:
         raise ApiError(422, "give a dataset archive or the name of a dataset on the server", field="dataset")
@@ -93,8 +132,9 @@ def submit_finetune(
         job_id=job_id, adapter_name=adapter_name, dataset=name, recipe=parsed.model_dump(exclude_none=True)
     )
     record = records.create_and_enqueue(
-        job_id, JobKind.FINETUNE, FINETUNE_QUEUE, payload.model_dump(), owner=owner,
+        job_id, JobKind.FINETUNE, FINETUNE_QUEUE, payload.model_dump(), owner=principal.key_id,
         timeout_s=settings.finetune_timeout_s, webhook=webhook_target,
     )
+    use_dataset(conn, name, job_id)
     response.headers["Location"] = f"/jobs/{job_id}"
     return job_public(record, records.queue_position(record))

@@ -17,12 +17,14 @@ from jobstore.contract import (
     generate_queue,
     idempotency_key,
 )
-from jobstore.jobs import new_job_id
+from jobstore.jobs import JobNotFound, new_job_id
 from service.admission import (
     ApiError,
     check_adapters_exist,
     check_capability,
     check_queue_depth,
+    check_queued_per_key,
+    check_storage_quota,
     generate_queue_lengths,
 )
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep
@@ -39,22 +41,24 @@ _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
     "/generate",
     status_code=202,
     response_model=JobPublic,
-    responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+    responses={401: {"model": ErrorBody}, 409: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody},
+               429: {"model": ErrorBody}, 503: {"model": ErrorBody}},
 )
 def submit_generation(
     body: GenerateRequest,
     request: Request,
     response: Response,
-    owner: ApiKeyDep,
+    principal: ApiKeyDep,
     settings: SettingsDep,
     conn: RedisDep,
     records: RecordsDep,
     idempotency: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobPublic:
     """Queue a text-to-image job. Repeating a request with the same ``Idempotency-Key`` returns the same job."""
+    owner = principal.key_id
     width, height = body.size()
-    check_adapters_exist(conn, [a.name for a in body.adapters])
-    check_capability(conn, settings, width, height, request.app.state.workers)
+    versions = check_adapters_exist(conn, [a.name for a in body.adapters], principal)
+    check_capability(conn, settings, width, height, request.app.state.workers, tier=body.tier)
     webhook = check_webhook(settings, body.webhook, body.webhook_events)
     queue = generate_queue(body.priority)
 
@@ -70,6 +74,9 @@ def submit_generation(
 
     lengths = generate_queue_lengths(conn)
     check_queue_depth(conn, queue, settings, lengths[queue])
+    check_queued_per_key(records, principal, settings)
+    # Images count against the key's storage quota: a key that is full makes no new ones.
+    check_storage_quota(conn, principal, settings, None, None)
     job_id = new_job_id()
     if claim is not None and not conn.set(claim, f"{job_id}:{fingerprint}", nx=True, ex=settings.idempotency_ttl_s):
         # Another request with this key won the race a moment ago.
@@ -88,8 +95,10 @@ def submit_generation(
         seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED),
         num_images=body.num_images,
         adapters=body.adapters,
+        adapter_versions=versions,
         output_format=body.output_format,
         preview_every=body.preview_every,
+        tier=body.tier,
     )
     try:
         record = records.create_and_enqueue(
@@ -110,6 +119,16 @@ def _replay(value: str, fingerprint: str, records: RecordsDep, response: Respons
     job_id, _, previous = value.partition(":")
     if previous != fingerprint:
         raise ApiError(422, "this Idempotency-Key was used with a different request", field="Idempotency-Key")
-    record = records.get(job_id)
+    try:
+        record = records.get(job_id)
+    except JobNotFound:
+        # The key outlived the job's record (URAE_RESULT_TTL_S < URAE_IDEMPOTENCY_TTL_S): the job ran
+        # and is forgotten. Running it again silently could duplicate work the client already has.
+        raise ApiError(
+            409,
+            f"this Idempotency-Key was used for job {job_id}, whose record has expired; "
+            "send the request with a new Idempotency-Key to run it again",
+            field="Idempotency-Key",
+        ) from None
     response.headers["Location"] = f"/jobs/{job_id}"
     return job_public(record, records.queue_position(record))

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Path, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from jobstore.contract import (
     CONTENT_TYPES,
@@ -23,7 +23,9 @@ from jobstore.contract import (
     job_preview_key,
 )
 from jobstore.jobs import JobNotFound, JobRecords
+from jobstore.storage import ObjectNotFound
 from service.admission import ApiError
+from service.auth import Principal
 from service.deps import ApiKeyDep, RecordsDep, SettingsDep, StorageDep
 from service.schemas import ErrorBody, JobPublic, Links, Progress
 
@@ -71,24 +73,28 @@ async def _latest_preview(aredis: aioredis.Redis, job_id: str, sent_step: int) -
     return {"type": "preview", **preview}
 
 
-def _get(records: JobRecords, job_id: str) -> dict[str, Any]:
+def _get(records: JobRecords, job_id: str, principal: Principal) -> dict[str, Any]:
+    """The job's record; 404 when absent or another key's (the two answers are the same)."""
     try:
-        return records.get(job_id)
+        record = records.get(job_id)
     except JobNotFound:
-        raise ApiError(404, f"job {job_id} not found") from None
+        record = None
+    if record is None or not principal.can_access(record.get("owner")):
+        raise ApiError(404, f"job {job_id} not found")
+    return record
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
-def get_job(job_id: JobId, _: ApiKeyDep, records: RecordsDep) -> JobPublic:
+def get_job(job_id: JobId, principal: ApiKeyDep, records: RecordsDep) -> JobPublic:
     """Status, progress, queue position, per-stage timings, result links and a readable error."""
-    record = _get(records, job_id)
+    record = _get(records, job_id, principal)
     return job_public(record, records.queue_position(record))
 
 
 @router.delete("/{job_id}", response_model=JobPublic, responses={**NOT_FOUND, 409: {"model": ErrorBody}})
-def cancel_job(job_id: JobId, _: ApiKeyDep, records: RecordsDep) -> JSONResponse:
+def cancel_job(job_id: JobId, principal: ApiKeyDep, records: RecordsDep) -> JSONResponse:
     """Cancel: a queued job never runs (200, canceled); a running one stops at its next step (202)."""
-    before = _get(records, job_id)["status"]
+    before = _get(records, job_id, principal)["status"]
     if before in TERMINAL_STATUSES:
         raise ApiError(409, f"job {job_id} already ended ({before})")
     status = records.request_cancel(job_id)
@@ -98,25 +104,37 @@ def cancel_job(job_id: JobId, _: ApiKeyDep, records: RecordsDep) -> JSONResponse
 
 @router.get(
     "/{job_id}/images/{index}",
-    response_class=FileResponse,
-    responses={**NOT_FOUND, 409: {"model": ErrorBody}, 200: {"content": {t: {} for t in CONTENT_TYPES.values()}}},
+    response_class=StreamingResponse,
+    responses={**NOT_FOUND, 409: {"model": ErrorBody}, 503: {"model": ErrorBody},
+               200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
+               307: {"description": "with URAE_S3_PRESIGNED_DOWNLOADS: a short-lived link to the object store"}},
 )
 def get_image(
-    job_id: JobId, index: Annotated[int, Path(ge=0, lt=MAX_IMAGES)], _: ApiKeyDep, records: RecordsDep,
+    job_id: JobId, index: Annotated[int, Path(ge=0, lt=MAX_IMAGES)], principal: ApiKeyDep, records: RecordsDep,
     storage: StorageDep,
-) -> FileResponse:
-    """One output image, with its content type (generation metadata embedded in the file)."""
-    record = _get(records, job_id)
+) -> Response:
+    """One output image, with its content type (generation metadata embedded in the file): streamed
+    from storage, or a redirect to a short-lived presigned URL when the deployment enables them."""
+    record = _get(records, job_id, principal)
     if record["status"] != JobStatus.FINISHED:
         raise ApiError(409, f"job {job_id} has no images: it is {record['status']}")
     images = (record.get("result") or {}).get("images", [])
     if index >= len(images):
         raise ApiError(404, f"job {job_id} has {len(images)} image(s); there is no image {index}")
     image = images[index]
-    path = storage.path(image["key"])
-    if not path.is_file():
-        raise ApiError(404, f"image {index} of job {job_id} is no longer stored")
-    return FileResponse(path, media_type=image["content_type"], filename=path.name)
+    key = image["key"]
+    try:
+        size = storage.stat(key).size
+    except ObjectNotFound:
+        raise ApiError(404, f"image {index} of job {job_id} is no longer stored") from None
+    url = storage.download_url(key)
+    if url is not None:
+        return RedirectResponse(url, 307, headers={"Cache-Control": "no-store"})
+    name = key.rsplit("/", 1)[-1]
+    return StreamingResponse(
+        storage.iter_bytes(key), media_type=image["content_type"],
+        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{name}"'},
+    )
 
 
 @router.get(
@@ -124,7 +142,7 @@ def get_image(
     responses={**NOT_FOUND, 400: {"model": ErrorBody},
                200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
 )
-async def job_events(job_id: JobId, request: Request, _: ApiKeyDep, settings: SettingsDep) -> StreamingResponse:
+async def job_events(job_id: JobId, request: Request, principal: ApiKeyDep, settings: SettingsDep) -> StreamingResponse:
     """Server-Sent Events: every status and progress change from the job's start, until it ends.
 
     Events are named ``status`` (data: {"status": ...}) and ``progress`` (data: {"stage", "step",
@@ -134,7 +152,9 @@ async def job_events(job_id: JobId, request: Request, _: ApiKeyDep, settings: Se
     stream ends with ``event: reconnect``: reconnect (with Last-Event-ID) to continue where it stopped.
     """
     aredis: aioredis.Redis = request.app.state.aredis
-    if not await aredis.exists(job_key(job_id)):
+    owner = await aredis.hget(job_key(job_id), "owner")
+    # Absent, or another key's job: the same answer.
+    if owner is None or not principal.can_access(owner.decode()):
         raise ApiError(404, f"job {job_id} not found")
     # A reconnecting EventSource sends the id of the last event it saw: continue after it.
     resume_from = request.headers.get("last-event-id", "").strip() or "0"

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from jobstore.settings import Settings, hash_api_key
-from service.auth import OPEN_ACCESS_OWNER, Unauthorized, authenticate
+from service.auth import OPEN_ACCESS_OWNER, Principal, Unauthorized, authenticate
 
 
 def test_no_keys_and_no_open_access_is_refused() -> None:
@@ -25,7 +25,8 @@ def test_open_access_outside_development_is_refused() -> None:
 
 def test_open_access_in_development_lets_anyone_in() -> None:
     settings = Settings(env="development", dev_open_access=True)
-    assert authenticate(settings, None) == OPEN_ACCESS_OWNER
+    # Everything belongs to one anonymous principal, which manages all of it.
+    assert authenticate(settings, None) == Principal(OPEN_ACCESS_OWNER, admin=True)
 
 
 def test_keys_and_hashes_both_authenticate() -> None:
@@ -36,6 +37,16 @@ def test_keys_and_hashes_both_authenticate() -> None:
         with pytest.raises(Unauthorized):
             authenticate(settings, header)
     assert "alpha" not in repr(settings.key_hashes)
+
+
+def test_admin_keys_authenticate_as_admins_and_key_ids_are_stable_and_distinct() -> None:
+    settings = Settings(api_keys="alpha", admin_keys="root", admin_key_hashes=hash_api_key("ops"))
+    alpha, root, ops = (authenticate(settings, f"Bearer {k}") for k in ("alpha", "root", "ops"))
+    assert not alpha.admin and root.admin and ops.admin
+    assert alpha == authenticate(Settings(api_key_hashes=hash_api_key("alpha")), "Bearer alpha")
+    assert len({alpha.key_id, root.key_id, ops.key_id}) == 3
+    assert "alpha" not in alpha.key_id and len(alpha.key_id) == 16
+    assert not alpha.can_access(root.key_id) and root.can_access(alpha.key_id) and alpha.can_access(alpha.key_id)
 
 
 @pytest.mark.parametrize("program", [["-m", "worker"], ["-c", "from service.app import main; main()"]])

@@ -13,11 +13,15 @@ of row-band operations over a stored tensor:
   with the channel sums its successor's norm1 needs; the hidden activation between conv1 and conv2
   is recomputed band by band instead of stored (one extra conv per resnet);
 - an upsampler's (or downsampler's) output is never stored: the next resnet recomputes it band by
-  band from the lower-resolution tensor.
+  band from the lower-resolution tensor;
+- at the output resolution (the decoder's last up block, the encoder's first down block) nothing is
+  stored by default: every pass recomputes that stage from the half-resolution map, since the largest
+  maps live there (``keep_full_resolution`` trades that time for one more full-resolution map).
 
-The peak is one stored tensor per resolution (at most two at a resolution change) plus a few bands,
-instead of several full-resolution activations at once. Work at the latent resolution (the mid
-block with its attention, and the encoder's head) runs whole, as in a plain pass: it is small.
+The peak is one or two stored maps below the output resolution, the output, and a few bands, instead
+of several full-resolution activations at once (bench/vae_decode.py: 29 % of the plain decode's peak
+at 4096 px, max |diff| 5e-6). Work at the latent resolution (the mid block with its attention, and the
+encoder's head) runs whole, as in a plain pass: it is small.
 Only plain torch ops are used, so the same code runs on CUDA.
 """
 

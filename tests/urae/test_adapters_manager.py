@@ -341,3 +341,17 @@ def test_adapters_with_different_ranks_per_module_and_layers_outside_the_slots(
     torch.testing.assert_close(
         transformer_output(wide.transformer), merged_output(adapters, {"with_ff": 1.0}), atol=1e-5, rtol=0
     )
+
+
+def test_layers_outside_the_slots_are_named_before_registration(pipe: Any, adapters: dict[str, Path]) -> None:
+    from urae.adapters import inspect_adapter
+    from urae.adapters.manager import uncovered_layers
+
+    # What the worker checks when an adapter is registered: the same rule the slots are built with.
+    assert uncovered_layers(inspect_adapter(adapters["4k"]).targets) == []
+    assert uncovered_layers(["transformer_blocks.3.attn.add_k_proj", "single_transformer_blocks.0.proj_mlp",
+                             "transformer_blocks.0.ff.net.2", "x_embedder"]) == [
+        "single_transformer_blocks.0.proj_mlp", "transformer_blocks.0.ff.net.2", "x_embedder"]
+    manager = AdapterManager(pipe)
+    assert all(uncovered_layers([layer]) == [] for layer in manager.target_layers())
+    assert len(manager.target_layers()) == 2 * 8 + 2 * 3  # double blocks: 8 projections; single: q, k, v

@@ -153,6 +153,20 @@ def test_ready_and_metrics_report_the_worker(http: Any, worker: Any) -> None:
     assert 'urae_queue_depth{queue="urae-generate-normal"} 0' in text
 
 
+def test_tiers_the_worker_serves_run_and_are_recorded_others_are_refused(http: Any, worker: Any) -> None:
+    # The CPU worker advertises quality and turbo (no fp8 here) and the kernel it chose at load.
+    ready = http.get("/ready").json()
+    assert ready["tiers"] == ["quality", "turbo"]
+    assert ready["workers"][0]["attention_backend"] == "native" and ready["workers"][0]["compiled"] is False
+    refused = http.post("/generate", json={**SMALL, "tier": "fast"})
+    assert refused.status_code == 422 and refused.json()["field"] == "tier"
+    job = wait_for_status(http, http.post("/generate", json={**SMALL, "tier": "turbo"}).json()["id"])
+    assert job["status"] == "finished", job
+    assert job["result"]["tier"] == "turbo" and job["result"]["attention_backend"] == "native"
+    metadata = json.loads(Image.open(io.BytesIO(http.get(job["links"]["images"][0]).content)).info["urae"])
+    assert metadata["tier"] == "turbo" and metadata["step_cache"]["kind"] == "first_block"
+
+
 def test_a_job_over_its_time_limit_fails_with_the_reason(settings: Any, http: Any, worker: Any) -> None:
     from fastapi.testclient import TestClient
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,18 @@ ATTENTION_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
 )
 SLOT_PREFIX = "slot_"
+
+
+def in_slot_targets(layer: str, targets: Sequence[str] = ATTENTION_TARGETS) -> bool:
+    """Whether the module path ``layer`` is a layer adapter slots of these target names cover."""
+    inside_block = layer.startswith(("transformer_blocks.", "single_transformer_blocks."))
+    return inside_block and any(layer.endswith(f".{t}") for t in targets)
+
+
+def uncovered_layers(layers: Iterable[str], targets: Sequence[str] = ATTENTION_TARGETS) -> list[str]:
+    """The module paths of an adapter that slots of these target names cannot serve (checked when an
+    adapter is registered, so that it is refused then rather than at its first use)."""
+    return sorted(layer for layer in layers if not in_slot_targets(layer, targets))
 
 
 @dataclass
@@ -190,9 +202,7 @@ class AdapterManager:
         layers = [
             name
             for name, module in transformer.named_modules()
-            if isinstance(module, torch.nn.Linear)
-            and (".transformer_blocks." in f".{name}" or ".single_transformer_blocks." in f".{name}")
-            and any(name.endswith(f".attn.{t}") or name.endswith(f".{t}") for t in targets)
+            if isinstance(module, torch.nn.Linear) and in_slot_targets(name, targets)
         ]
         if not layers:
             raise AdapterLoadError(f"no layer of the transformer matches the slot targets {targets}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,9 @@ from PIL import Image
 
 from urae.attention import apply_high_res_settings
 from urae.errors import GenerationCanceled
+from urae.memory import PeakMemory
 from urae.models import DEFAULT_MODEL, is_schnell, load_pipeline
+from urae.output import tensor_to_images
 from urae.previews import (
     DEFAULT_MAX_SIDE,
     PreviewRenderer,
@@ -34,6 +36,8 @@ from urae.previews import (
     latents_to_preview,
 )
 from urae.spec import GenerationSpec
+from urae.text_encoding import PromptEncoder, resolve_offload
+from urae.tiers import SpeedSetup
 from urae.vae_decode import choose_mode, decode_latents_reporting_mode
 
 if TYPE_CHECKING:
@@ -41,7 +45,9 @@ if TYPE_CHECKING:
 
 ProgressCallback = Callable[["Progress"], None]
 CancelCheck = Callable[[], bool]
-AdapterResolver = Callable[[str], Path]
+# An adapter name -> its file, or (file, sha256) when the hash is already known (a registry record).
+AdapterResolver = Callable[[str], Path | tuple[Path, str]]
+DEFAULT_SLOT_RANK = 64
 
 log = logging.getLogger("urae.generate")
 _VERSIONED = ("urae-serve", "torch", "diffusers", "transformers", "peft")
@@ -111,6 +117,13 @@ class Generator:
         adapter_capacity: int = 8,
         hotswap_rank: int | None = None,
         preview_autoencoder: str | Path | None = None,
+        text_encoder_offload: str = "auto",
+        prompt_cache_size: int = 32,
+        *,
+        adapter_slots: int = 2,
+        tiers: Sequence[str] | None = None,
+        compile: bool | str | None = None,
+        attention_backend: str = "auto",
     ):
         self.pipe = pipe
         # A local tiny-autoencoder folder for previews; None: the linear latent -> RGB map.
@@ -124,7 +137,17 @@ class Generator:
         self._adapter_capacity = adapter_capacity
         self._hotswap_rank = hotswap_rank
         self._adapters: AdapterManager | None = None
+        self._adapter_slots = adapter_slots
         pipe.set_progress_bar_config(disable=True)
+        # Tiers, attention kernel, fp8 and compiled blocks (see urae.tiers); creates the adapter
+        # slots first when compiling, so the compiled graph already has them.
+        self.speed = SpeedSetup.apply(self, tiers, compile, attention_backend)
+        # T5 off the GPU between encodes, and an LRU of prompt embeddings (see urae.text_encoding).
+        pipeline_offloaded = getattr(pipe.text_encoder_2, "_hf_hook", None) is not None
+        self.prompts = PromptEncoder(
+            pipe, model_id, prompt_cache_size,
+            resolve_offload(text_encoder_offload, pipe._execution_device, "hooks" if pipeline_offloaded else None),
+        )
 
     @classmethod
     def load(
@@ -136,22 +159,37 @@ class Generator:
         adapter_resolver: AdapterResolver | None = None,
         adapter_capacity: int = 8,
         hotswap_rank: int | None = None,
+        text_encoder_offload: str = "auto",
+        prompt_cache_size: int = 32,
+        *,
+        adapter_slots: int = 2,
+        tiers: Sequence[str] | None = None,
+        compile: bool | str | None = None,
+        attention_backend: str = "auto",
     ) -> Generator:
+        """Load a pipeline and prepare it to serve ``tiers`` (default quality and turbo).
+
+        ``compile`` None: compiled blocks on CUDA only. ``attention_backend`` "auto": the best kernel
+        the device offers (see :func:`urae.models.choose_attention_backend`).
+        """
         pipe = load_pipeline(model_id, device=device, dtype=dtype, offload=offload)
-        return cls(pipe, model_id, adapter_resolver, adapter_capacity, hotswap_rank)
+        return cls(pipe, model_id, adapter_resolver, adapter_capacity, hotswap_rank,
+                    text_encoder_offload=text_encoder_offload, prompt_cache_size=prompt_cache_size,
+                    adapter_slots=adapter_slots, tiers=tiers, compile=compile, attention_backend=attention_backend)
 
     @property
     def adapters(self) -> AdapterManager:
-        """The adapter cache of this pipeline (created on first use)."""
+        """The adapter slots and cache of this pipeline (created on first use, or before compiling)."""
         if self._adapters is None:
             from urae.adapters.manager import AdapterManager
 
             self._adapters = AdapterManager(
-                self.pipe, capacity=self._adapter_capacity, hotswap_rank=self._hotswap_rank
+                self.pipe, capacity=self._adapter_capacity, rank=self._hotswap_rank or DEFAULT_SLOT_RANK,
+                slots=self._adapter_slots,
             )
         return self._adapters
 
-    def resolve_adapter(self, name: str) -> Path:
+    def resolve_adapter(self, name: str) -> Path | tuple[Path, str]:
         if self._adapter_resolver is not None:
             return self._adapter_resolver(name)
         from urae.adapters.builtin import resolve_adapter
@@ -179,9 +217,12 @@ class Generator:
         """
         # 1. Check inputs
         spec.validate()
+        self.speed.check_tier(spec.tier)
         pipe = self.pipe
         timings: dict[str, float] = {}
         started = time.perf_counter()
+        peak = PeakMemory(self.device)
+        peak.start()
 
         def report(stage: str, step: int, total: int) -> None:
             if on_progress is not None:
@@ -194,22 +235,16 @@ class Generator:
         # 2. Adapters: load what is missing (cached), then exactly these with these weights
         adapter_records = self._activate_adapters(spec)
 
-        # 3. Attention settings and timestep schedule of the preset
-        apply_high_res_settings(pipe.transformer, spec.ntk_factor, spec.proportional_attention)
-        pipe.scheduler = make_scheduler(self._base_scheduler_config, spec.shift)
+        # 3. Attention settings, timestep schedule and step cache of the preset and tier
+        self._apply_settings(spec)
         check_cancel(0)
 
         # 4. Encode the prompt (once for all images)
         report("text_encode", 0, 1)
         t0 = time.perf_counter()
-        prompt_embeds, pooled_embeds, _ = pipe.encode_prompt(
-            prompt=spec.prompt,
-            prompt_2=None,
-            device=self.device,
-            num_images_per_prompt=1,
-            max_sequence_length=spec.max_sequence_length,
-        )
+        prompt_embeds, pooled_embeds, cached = self.prompts.encode(spec.prompt, spec.max_sequence_length, self.device)
         timings["text_encode"] = time.perf_counter() - t0
+        timings["prompt_cache_hit"] = float(cached)
         report("text_encode", 1, 1)
         check_cancel(0)
 
@@ -238,6 +273,8 @@ class Generator:
 
             report("denoise", done, total)
             t0 = time.perf_counter()
+            # Wall-clock time: lets a worker show that the next job denoises while this one's image is written.
+            timings.setdefault("denoise_started_at", time.time())
             try:
                 packed = pipe(
                     prompt_embeds=prompt_embeds,
@@ -262,9 +299,10 @@ class Generator:
             latents = pipe._unpack_latents(packed, spec.height, spec.width, pipe.vae_scale_factor)
             decoded, decode_mode = decode_latents_reporting_mode(pipe.vae, latents.to(pipe.vae.device), spec.vae_decode)
             decode_modes.append(decode_mode)
-            images.extend(pipe.image_processor.postprocess(decoded, output_type="pil"))
+            images.extend(tensor_to_images(decoded))
             timings["decode"] += time.perf_counter() - t0
         report("decode", spec.num_images, spec.num_images)
+        timings[peak.key] = float(peak.stop())
 
         metadata = [self._metadata(spec, spec.seed + i, adapter_records) for i in range(spec.num_images)]
         for meta, decode_mode in zip(metadata, decode_modes, strict=True):
@@ -290,6 +328,44 @@ class Generator:
         rgb_map = latent_rgb_map_for(vae)
         return lambda latents, width, height: latents_to_preview(latents, rgb_map, width, height, self.preview_max_side)
 
+    def _apply_settings(self, spec: GenerationSpec) -> None:
+        """Attention settings, timestep schedule and step cache: values only, never a new graph."""
+        apply_high_res_settings(
+            self.pipe.transformer, spec.ntk_factor, spec.proportional_attention,
+            num_tokens=spec.max_sequence_length + spec.image_tokens,
+        )
+        self.pipe.scheduler = make_scheduler(self._base_scheduler_config, spec.shift)
+        self.speed.set_tier(spec.tier, spec.preset)
+
+    def capabilities(self) -> dict[str, Any]:
+        """What this generator serves and how: tiers, attention kernel, precision, compilation."""
+        return self.speed.describe()
+
+    def warm_up(
+        self, specs: Sequence[GenerationSpec], on_each: Callable[[GenerationSpec, float], None] | None = None
+    ) -> int:
+        """Run every spec once (2 denoising steps, no decode).
+
+        Compiles each (size, tier) graph and caches each preset adapter, so that serving them later
+        neither compiles nor reads a file. Returns the number of runs.
+        """
+        for spec in specs:
+            started = time.perf_counter()
+            spec.validate()
+            self.speed.check_tier(spec.tier)
+            self._activate_adapters(spec)
+            self._apply_settings(spec)
+            prompt_embeds, pooled_embeds, _ = self.prompts.encode(spec.prompt, spec.max_sequence_length, self.device)
+            self.pipe(
+                prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_embeds, height=spec.height,
+                width=spec.width, num_inference_steps=min(spec.steps, 2), guidance_scale=spec.guidance,
+                generator=torch.Generator(device="cpu").manual_seed(0), output_type="latent",
+                max_sequence_length=spec.max_sequence_length,
+            )
+            if on_each is not None:
+                on_each(spec, time.perf_counter() - started)
+        return len(specs)
+
     def _activate_adapters(self, spec: GenerationSpec) -> list[dict[str, Any]]:
         if not spec.adapters:
             if self._adapters is not None:
@@ -297,7 +373,10 @@ class Generator:
             return []
         manager = self.adapters
         for ref in spec.adapters:
-            manager.ensure(ref.name, self.resolve_adapter(ref.name))
+            source = self.resolve_adapter(ref.name)
+            # A registry resolver may also give the hash it recorded when the file was registered.
+            path, sha = source if isinstance(source, tuple) else (source, None)
+            manager.ensure(ref.name, path, sha256=sha)
         manager.activate(list(spec.adapters))
         return [
             {"name": ref.name, "weight": ref.weight, "sha256": manager.sha256(ref.name)}
@@ -320,5 +399,7 @@ class Generator:
             "shift": spec.shift,
             "vae_decode": choose_mode(spec.vae_decode, spec.height, spec.width),
             "adapters": adapters,
+            "tier": spec.tier,
+            **self.speed.metadata(spec.tier, spec.preset),
             "versions": library_versions(),
         }

@@ -127,13 +127,16 @@ def main(argv: list[str] | None = None) -> None:
         import urae.train  # noqa: F401
     info = {"model": settings.model, "device": settings.device, "pid": os.getpid(), "queues": queues,
             "kinds": [str(kind)] if kind == JobKind.FINETUNE else [str(JobKind.GENERATE), str(JobKind.ADAPTER_IMPORT)],
-            "max_pixels": settings.max_pixels, "started_at": time.time()}
+            "max_pixels": settings.max_pixels, "started_at": time.time(),
+            **(rt.generator.capabilities() if rt.generator is not None else {})}
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(rt, info, stop), name="heartbeat", daemon=True)
     beat.start()
     try:
         _serve(rt, queues, kind, args.burst, args.log_level.upper())
     finally:
+        # Jobs whose images are still being written finish (or fail) before the worker goes.
+        rt.image_writer.close()
         stop.set()
         beat.join(timeout=5)
         try:
@@ -154,17 +157,49 @@ def _load_model(rt: Runtime) -> bool:
         torch.set_num_threads(s.torch_threads)
     try:
         rt.generator = Generator.load(
-            s.model, device=s.device, dtype=s.dtype, offload=s.offload, adapter_resolver=rt.resolve_adapter,
+            s.model, device=s.device, dtype=s.dtype, offload=s.offload, adapter_resolver=rt.adapter_source,
             adapter_capacity=s.adapter_capacity, hotswap_rank=s.hotswap_rank,
+            text_encoder_offload=s.text_encoder_offload, prompt_cache_size=s.prompt_cache_size,
+            adapter_slots=s.adapter_slots, tiers=[t.strip() for t in s.tiers.split(",") if t.strip()],
+            compile=s.compile, attention_backend=s.attention_backend,
         )
         rt.generator.preview_autoencoder = s.preview_autoencoder
         rt.generator.preview_max_side = s.preview_max_side
-        # Create the adapter cache now: hot-swap must be enabled before the first adapter loads.
+        # The adapter slots exist from the start: they are part of every compiled graph.
         rt.generator.adapters  # noqa: B018
     except UraeError as exc:
         print(f"urae-worker: cannot load model {s.model}: {exc}", file=sys.stderr)
         return False
-    log.info("model %s loaded on %s in %.1f s", s.model, s.device, time.monotonic() - started)
+    log.info("model %s loaded on %s in %.1f s (%s)", s.model, s.device, time.monotonic() - started,
+             rt.generator.capabilities())
+    return _warm_up(rt)
+
+
+def _warm_up(rt: Runtime) -> bool:
+    """Run every served (preset, aspect ratio, tier) once before the first heartbeat, so the worker is
+    only seen (and /ready only answers ready) once no request will compile or fetch a built-in adapter."""
+    from urae.errors import UraeError
+    from urae.tiers import warmup_specs
+
+    s = rt.settings
+    generator = rt.generator
+    assert generator is not None
+    mode = s.warmup if s.warmup != "auto" else ("presets" if str(generator.device).startswith("cuda") else "none")
+    specs = warmup_specs(mode, generator.schnell, generator.capabilities()["tiers"], s.max_pixels)
+    if not specs:
+        return True
+    started = time.monotonic()
+
+    def each(spec: Any, seconds: float) -> None:
+        log.info("warm-up %s %dx%d %s: %.1f s", spec.preset, spec.width, spec.height, spec.tier, seconds)
+
+    try:
+        generator.warm_up(specs, on_each=each)
+    except UraeError as exc:
+        print(f"urae-worker: warm-up failed: {exc}", file=sys.stderr)
+        return False
+    log.info("warm-up: %d runs in %.1f s", len(specs), time.monotonic() - started)
+    return True
     return True
 
 

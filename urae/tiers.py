@@ -10,6 +10,13 @@
 
 One worker holds one set of weights: it serves ``quality`` and ``turbo`` in bf16, or ``fast`` and
 ``turbo`` in fp8 (two copies of the transformer would not fit the 4K memory budget).
+
+Why First Block Cache among diffusers 0.42's step caches: it decides per step from the model's own
+output (a step is reused only when the first block's residual barely moved), so it adapts to any
+adapter, preset and step count. MagCache needs magnitude ratios calibrated per model and schedule
+(FLUX_MAG_RATIOS are for the stock 1K model, not for URAE's adapters at 2K/4K); TaylorSeer skips on
+a fixed interval whatever the model does. Which keeps URAE's 4K detail best needs real weights on a
+GPU (bench/device_check.sh saves the tiers' images side by side).
 """
 
 from __future__ import annotations
@@ -180,7 +187,9 @@ class SpeedSetup:
         set_proportional_attention(transformer, False, num_tokens=BASE_SEQUENCE_LENGTH)
         backend = choose_attention_backend(transformer, device, attention_backend)
         if compile is None:
-            compile = device.type == "cuda"
+            # Not under accelerate's CPU offload: its hooks move weights inside the blocks' calls.
+            offloaded = any(hasattr(m, "_hf_hook") for m in transformer.modules())
+            compile = device.type == "cuda" and not offloaded
         precision = str(next(transformer.parameters()).dtype).removeprefix("torch.")
         if compile or "fast" in served:
             generator.adapters  # noqa: B018 - the fixed adapter slots, before quantizing and compiling

@@ -144,8 +144,10 @@ def check_capability(
     height: int,
     directory: WorkerDirectory | None = None,
     tier: str = "quality",
+    adapters: int = 0,
 ) -> None:
-    """Refuse a tier, or a size at that tier, that no live worker advertises it can generate."""
+    """Refuse a tier, a size at that tier, or more adapters at once than any live worker advertises
+    it can generate (``adapters``: how many one image mixes, the preset's included)."""
     if directory is not None:
         workers = directory.serving(conn, settings, JobKind.GENERATE)
     else:
@@ -175,6 +177,22 @@ def check_capability(
             f"(the largest takes {largest} pixels)",
             field="width",
         )
+    # Workers from before adapter slots existed do not advertise them: no limit known.
+    slots = [int(w["adapter_slots"]) for w in workers if "adapter_slots" in w]
+    if slots and len(slots) == len(workers) and adapters > max(slots):
+        raise ApiError(
+            422,
+            f"{adapters} adapters at once (the preset's included) is more than any live worker mixes "
+            f"(at most {max(slots)}, see URAE_ADAPTER_SLOTS)",
+            field="adapters",
+        )
+
+
+def adapters_per_image(preset: str, names: list[str]) -> int:
+    """How many adapters an image of this preset mixes: the user's plus the preset's URAE adapter
+    (2k, 4k), which the worker puts first unless the user already names it."""
+    own = {"1k": set(), "2k": {"urae-2k"}, "4k": {"urae-4k", "urae-4k-schnell"}}[preset]
+    return len(set(names)) + (1 if own and not own & set(names) else 0)
 
 
 def generate_queue_lengths(conn: redis.Redis) -> dict[str, int]:

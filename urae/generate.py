@@ -338,8 +338,9 @@ class Generator:
         self.speed.set_tier(spec.tier, spec.preset)
 
     def capabilities(self) -> dict[str, Any]:
-        """What this generator serves and how: tiers, attention kernel, precision, compilation."""
-        return self.speed.describe()
+        """What this generator serves and how: tiers, attention kernel, precision, compilation, and
+        how many adapters one image may mix."""
+        return {**self.speed.describe(), "adapter_slots": self._adapter_slots}
 
     def warm_up(
         self, specs: Sequence[GenerationSpec], on_each: Callable[[GenerationSpec, float], None] | None = None

@@ -20,6 +20,7 @@ from jobstore.contract import (
 from jobstore.jobs import JobNotFound, new_job_id
 from service.admission import (
     ApiError,
+    adapters_per_image,
     check_adapters_exist,
     check_capability,
     check_queue_depth,
@@ -58,7 +59,8 @@ def submit_generation(
     owner = principal.key_id
     width, height = body.size()
     versions = check_adapters_exist(conn, [a.name for a in body.adapters], principal)
-    check_capability(conn, settings, width, height, request.app.state.workers, tier=body.tier)
+    check_capability(conn, settings, width, height, request.app.state.workers, tier=body.tier,
+                     adapters=adapters_per_image(body.resolved_preset(), [a.name for a in body.adapters]))
     webhook = check_webhook(settings, body.webhook, body.webhook_events)
     queue = generate_queue(body.priority)
 

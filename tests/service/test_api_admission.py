@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -190,6 +191,17 @@ def test_tier_no_live_worker_serves_is_refused_at_once(client: Any, redis_url: s
             client.delete(f"/jobs/{accepted.json()['id']}")
         bad = client.post("/generate", json={"prompt": "a castle", "tier": "ludicrous"})
         assert bad.status_code == 422 and bad.json()["field"] == "tier"
+        # The worker mixes 2 adapters at once: 2k's own URAE adapter + 2 more is one too many.
+        conn.set(worker_key("bf16-gpu"), json.dumps({**record, "adapter_slots": 2}), px=60_000)
+        time.sleep(1.1)  # the API re-reads the live workers at most every second
+        three = [{"name": "urae-4k"}, {"name": "urae-4k-schnell"}]
+        too_many = client.post("/generate", json={"prompt": "a castle", "preset": "2k", "adapters": three})
+        assert too_many.status_code == 422 and too_many.json()["field"] == "adapters", too_many.json()
+        assert "at most 2" in too_many.json()["detail"]
+        two = client.post("/generate", json={"prompt": "a castle", "preset": "2k", "adapters": [{"name": "urae-2k"},
+                                                                                          {"name": "urae-4k"}]})
+        assert two.status_code == 202
+        client.delete(f"/jobs/{two.json()['id']}")
     finally:
         conn.delete(worker_key("bf16-gpu"))
 

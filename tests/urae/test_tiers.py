@@ -98,6 +98,7 @@ def test_turbo_skips_blocks_and_stays_close_to_quality(generator: Generator, blo
 def test_quality_reports_its_kernel_and_precision(generator: Generator) -> None:
     assert generator.capabilities() == {
         "tiers": ["quality", "turbo"], "attention_backend": "native", "precision": "float32", "compiled": False,
+        "adapter_slots": 2,
     }
     meta = generator.generate(_spec("quality", steps=2)).metadata[0]
     assert (meta["attention_backend"], meta["precision"], meta["compiled"]) == ("native", "float32", False)

@@ -42,8 +42,9 @@ def open_storage(settings: Settings) -> Storage:
         return S3Storage(
             url,
             cache_dir=settings.local_cache_dir,
-            endpoint_url=settings.s3_endpoint_url,
-            public_endpoint_url=settings.s3_public_endpoint_url,
+            # Compose files pass unset variables as empty strings: empty means "not set".
+            endpoint_url=settings.s3_endpoint_url or None,
+            public_endpoint_url=settings.s3_public_endpoint_url or None,
             presigned_ttl_s=settings.s3_presigned_ttl_s if settings.s3_presigned_downloads else None,
         )
     return LocalStorage(url)

@@ -20,6 +20,10 @@ from jobstore.settings import Settings
 from tests.conftest import REPO_ROOT
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
+COMPOSE_S3 = REPO_ROOT / "docker-compose.s3.yml"
+COMPOSE_REDIS_TLS = REPO_ROOT / "docker-compose.redis-tls.yml"
+COMPOSE_WORKER_HOST = REPO_ROOT / "docker-compose.worker-host.yml"
+ALL_COMPOSE_FILES = (COMPOSE, COMPOSE_S3, COMPOSE_REDIS_TLS, COMPOSE_WORKER_HOST)
 API_DOCKERFILE = REPO_ROOT / "docker" / "api.Dockerfile"
 WORKER_DOCKERFILE = REPO_ROOT / "docker" / "worker.Dockerfile"
 API_REQUIREMENTS = REPO_ROOT / "docker" / "requirements-api.txt"
@@ -155,18 +159,20 @@ def test_generation_workers_may_finish_a_4k_job_before_they_are_killed(compose: 
         assert FOUR_K_JOB_S <= own < grace, name
 
 
-def test_every_urae_variable_of_the_compose_file_is_a_setting(compose: dict[str, Any]) -> None:
+@pytest.mark.parametrize("path", ALL_COMPOSE_FILES, ids=lambda p: p.name)
+def test_every_urae_variable_of_the_compose_file_is_a_setting(path: Path) -> None:
+    compose = yaml.safe_load(path.read_text())
     fields = {f"URAE_{name.upper()}" for name in Settings.model_fields}
     # The API launcher's own two variables (service.app.main), outside Settings.
     launcher = {"URAE_API_HOST", "URAE_API_PORT"}
     app_source = (REPO_ROOT / "service" / "app.py").read_text()
     assert all(f'os.environ.get("{name}"' in app_source for name in launcher)
     fields |= launcher
-    named = set(INTERPOLATION_RE.findall(COMPOSE.read_text()))
+    named = set(INTERPOLATION_RE.findall(path.read_text()))
     for service in compose["services"].values():
         named |= set(service.get("environment", {}))
     urae_vars = {n for n in named if n.startswith("URAE_")}
-    assert urae_vars and urae_vars <= fields, urae_vars - fields
+    assert urae_vars <= fields, urae_vars - fields
     # Everything else it reads from the environment is a compose-level variable documented in the README.
     readme = (REPO_ROOT / "README.md").read_text()
     for name in sorted(named - urae_vars - {"REDISCLI_AUTH"}):
@@ -265,3 +271,139 @@ def test_dockerfiles_pass_hadolint() -> None:
 def test_docker_build_context_leaves_out_local_state() -> None:
     ignored = set((REPO_ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", ".env", "data"} <= ignored
+
+
+# -- S3 mode and many hosts ---------------------------------------------------------------------------
+def merged(*paths: Path) -> dict[str, Any]:
+    """Compose files merged as ``docker compose -f a -f b`` does for what these files use: mappings
+    (environment, depends_on, services) merge key by key, anything else from a later file replaces."""
+
+    def merge(base: Any, override: Any) -> Any:
+        if isinstance(base, dict) and isinstance(override, dict):
+            return {**base, **{k: merge(base.get(k), v) if k in base else v for k, v in override.items()}}
+        return override
+
+    result: dict[str, Any] = {}
+    for path in paths:
+        result = merge(result, yaml.safe_load(path.read_text()))
+    return result
+
+
+def default_of(value: str) -> str:
+    """``${NAME:-default}`` -> default, as compose substitutes it when NAME is unset."""
+    return re.sub(r"\$\{[A-Za-z_0-9]+:-([^}]*)\}", r"\1", value)
+
+
+def test_s3_mode_adds_minio_a_one_shot_bucket_and_points_every_service_at_it() -> None:
+    stack = merged(COMPOSE, COMPOSE_S3)
+    services = stack["services"]
+    minio, bucket = services["minio"], services["minio-bucket"]
+    assert minio["image"].startswith("minio/minio:RELEASE.") and "minio-data" in stack["volumes"]
+    assert minio["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"].startswith("${MINIO_ROOT_PASSWORD:?")
+    # The bucket is made once at start (idempotent), after MinIO is healthy; the job then exits.
+    assert bucket["image"].startswith("minio/mc:RELEASE.") and bucket["restart"] == "no"
+    assert "mc mb --ignore-existing" in " ".join(bucket["command"])
+    assert bucket["depends_on"]["minio"]["condition"] == "service_healthy"
+    users = [name for name in services if name not in ("redis", "minio", "minio-bucket")]
+    assert {"api", "worker-gpu0", "worker-gpu1", "worker-finetune"} <= set(users)
+    for name in users:
+        env = services[name]["environment"]
+        assert env["URAE_STORAGE_URL"] == "s3://${S3_BUCKET:-urae}/serve", name
+        assert env["URAE_S3_ENDPOINT_URL"] == "http://minio:9000", name
+        assert env["AWS_SECRET_ACCESS_KEY"] == minio["environment"]["MINIO_ROOT_PASSWORD"], name
+        assert env["AWS_ACCESS_KEY_ID"] == minio["environment"]["MINIO_ROOT_USER"], name
+        # Merged, not replaced: the base file's Redis URL and Redis dependency are still there.
+        assert env["URAE_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?"), name
+        assert services[name]["depends_on"]["minio-bucket"]["condition"] == "service_completed_successfully"
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+    # The storage settings the services get are valid settings, naming the S3 backend.
+    from jobstore.storage import open_storage
+
+    env = {k: default_of(v) for k, v in services["api"]["environment"].items() if k.startswith("URAE_")}
+    settings = Settings(api_keys="k", **{k.removeprefix("URAE_").lower(): v for k, v in env.items()
+                                         if k not in ("URAE_API_HOST", "URAE_API_PORT")})
+    assert settings.storage_location == "s3://urae/serve"
+    assert type(open_storage(settings.model_copy(update={"cache_dir": Path("/tmp")}))).__name__ == "S3Storage"
+
+
+def test_the_single_host_file_alone_still_uses_the_local_volume(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        assert "URAE_STORAGE_URL" not in service.get("environment", {}), name
+    assert "minio" not in compose["services"]
+
+
+def test_the_worker_host_file_starts_only_gpu_workers_against_the_remote_redis_and_store() -> None:
+    stack = yaml.safe_load(COMPOSE_WORKER_HOST.read_text())
+    services = stack["services"]
+    assert set(services) == {"worker-gpu0", "worker-gpu1"}
+    assert "profiles" not in services["worker-gpu0"] and services["worker-gpu1"]["profiles"] == ["gpu1"]
+    for name, service in services.items():
+        env = service["environment"]
+        assert service["command"] == ["--queues", "generate"], name
+        # Nothing runs without the remote Redis and the object store named in .env.
+        assert env["URAE_REDIS_URL"].startswith("${URAE_REDIS_URL:?"), name
+        assert env["URAE_STORAGE_URL"].startswith("${URAE_STORAGE_URL:?"), name
+        assert env["AWS_SECRET_ACCESS_KEY"].startswith("${AWS_SECRET_ACCESS_KEY:?"), name
+        assert service["env_file"][0]["required"] is True
+        # No shared volume: only this host's cache, the model and compile caches, the CA certificate.
+        assert "urae-data:/data" not in service["volumes"] and "worker-cache:/data" in service["volumes"]
+        assert "./tls:/tls:ro" in service["volumes"]
+        assert service["healthcheck"]["test"][-1] == "worker"
+        assert FOUR_K_JOB_S <= float(env["URAE_SHUTDOWN_GRACE_S"]) < seconds(service["stop_grace_period"])
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1 and devices[0]["capabilities"] == ["gpu"]
+    assert services["worker-gpu0"]["hostname"] != services["worker-gpu1"]["hostname"]
+
+
+def test_the_main_host_publishes_redis_only_over_tls_with_the_password() -> None:
+    stack = merged(COMPOSE, COMPOSE_REDIS_TLS)
+    redis = stack["services"]["redis"]
+    command = " ".join(redis["command"])
+    for flag in ("--appendonly yes", "--maxmemory-policy noeviction", '--requirepass "$$REDIS_PASSWORD"',
+                 "--tls-port 6380", "--tls-cert-file", "--tls-key-file"):
+        assert flag in command
+    assert redis["ports"] == ["${REDIS_TLS_PORT:-6380}:6380"]  # the plain port stays inside
+    assert "redis-data:/data" in redis["volumes"] and "./tls:/tls:ro" in redis["volumes"]
+
+
+def test_a_rediss_url_reaches_a_tls_redis_with_its_password(tmp_path: Path) -> None:
+    """What a worker host does: settings from a rediss:// URL, connect, use RQ's queue over TLS, with
+    the certificates the README's "Many hosts" commands make (the main host's name: localhost)."""
+    import redis
+
+    from jobstore.queues import connect, rq_queue
+    from tests.conftest import REDIS_SERVER, free_port, wait_for_port
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("### Many hosts"):]
+    block = re.search(r"```bash\n\s*(mkdir -p tls.*?)```", section, re.S)
+    assert block is not None, "the README's certificate commands"
+    made = subprocess.run(["bash", "-ec", block.group(1).replace("main-host.example", "localhost")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    tls = tmp_path / "tls"
+    port = free_port()
+    server = subprocess.Popen(
+        [REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--requirepass", "s3cret", "--tls-cert-file", str(tls / "redis.crt"),
+         "--tls-key-file", str(tls / "redis.key"), "--tls-ca-cert-file", str(tls / "ca.crt"),
+         "--tls-auth-clients", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        # The host name is checked against the certificate: the client names the host it was made for.
+        url = f"rediss://:s3cret@localhost:{port}/0?ssl_ca_certs={tls / 'ca.crt'}"
+        settings = Settings(api_keys="k", redis_url=url)
+        conn = connect(settings.redis_url)
+        assert conn.ping()
+        rq_queue(conn, "generate-normal").enqueue("worker.jobs.run_generate", {"job_id": "x"})
+        assert conn.llen("rq:queue:generate-normal") == 1
+        with pytest.raises(redis.AuthenticationError):
+            connect(url.replace(":s3cret@", ":wrong@")).ping()
+        with pytest.raises(redis.ConnectionError):  # plain text to the TLS port is refused
+            connect(f"redis://:s3cret@127.0.0.1:{port}/0", 1.0).ping()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

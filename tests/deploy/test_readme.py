@@ -37,6 +37,20 @@ EXERCISED = {
     # 2048 px on a CPU: ~15 s alone, much longer on busy cores, so a slow test (python -m pytest -m slow).
     'urae generate "a lighthouse on a cliff at dusk" --model tiny --preset 2k --steps 4 -o lighthouse.png': "test",
     "python -m pytest": "ci",
+    # Many hosts: the certificate commands run as written (host name replaced) and a rediss:// client
+    # reaches a TLS Redis with the result; the compose files are checked without a Docker engine.
+    "mkdir -p tls && cd tls": "tests/deploy/test_compose.py::test_a_rediss_url_reaches_a_tls_redis_with_its_password",
+    'openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -subj "/CN=urae-ca" -days 3650':
+        "tests/deploy/test_compose.py::test_a_rediss_url_reaches_a_tls_redis_with_its_password",
+    'openssl req -newkey rsa:2048 -nodes -keyout redis.key -out redis.csr -subj "/CN=main-host.example"':
+        "tests/deploy/test_compose.py::test_a_rediss_url_reaches_a_tls_redis_with_its_password",
+    'printf "subjectAltName=DNS:main-host.example\\n" > san.ext':
+        "tests/deploy/test_compose.py::test_a_rediss_url_reaches_a_tls_redis_with_its_password",
+    "openssl x509 -req -in redis.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out redis.crt -days 3650 -extfile san.ext":
+        "tests/deploy/test_compose.py::test_a_rediss_url_reaches_a_tls_redis_with_its_password",
+    "chmod 644 redis.key && cd ..": "tests/deploy/test_compose.py::test_a_rediss_url_reaches_a_tls_redis_with_its_password",
+    "docker compose -f docker-compose.yml -f docker-compose.s3.yml -f docker-compose.redis-tls.yml up -d --build":
+        "no Docker engine here: tests/deploy/test_compose.py merges and checks the three files",
 }
 
 

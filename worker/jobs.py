@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import shutil
 import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -34,7 +36,9 @@ from jobstore.contract import (
     finetune_work_prefix,
     image_object,
 )
-from jobstore.metrics import observe_stage
+from jobstore.metrics import PEAK_MEMORY_KEYS, observe_peak_memory, observe_stage
+from jobstore.storage import ObjectNotFound, StorageUnavailable
+from jobstore.usage import charge, charge_job_images
 from worker.runtime import Runtime, runtime
 
 log = logging.getLogger("urae.worker")
@@ -46,11 +50,14 @@ class JobCanceled(Exception):
 
 
 @contextmanager
-def _running(rt: Runtime, job_id: str) -> Iterator[dict[str, Any] | None]:
+def _running(rt: Runtime, job_id: str, lease: ExitStack | None = None) -> Iterator[dict[str, Any] | None]:
     """Lease + start; yields the started record, or None when the job must not run (canceled or
-    already taken). A job over its time limit ends failed with that reason."""
+    already taken). A job over its time limit ends failed with that reason. With ``lease`` the lease
+    is entered into that stack and lasts until the caller closes it (a job that hands its last
+    stage to another thread)."""
     settings = rt.settings
-    with rt.records.lease(job_id, settings.lease_ttl_s, settings.heartbeat_interval_s):
+    with ExitStack() as local:
+        (lease or local).enter_context(rt.records.lease(job_id, settings.lease_ttl_s, settings.heartbeat_interval_s))
         record = rt.records.start(job_id, rt.name)
         if record is None:
             yield None
@@ -103,12 +110,7 @@ def _resident_generator(rt: Runtime, job_id: str) -> Any:
 
 
 def run_generate(payload: dict[str, Any]) -> str:
-    """Generate images for a job and write them to storage."""
-    from urae.errors import GenerationCanceled, OutputWriteError, UraeError
-    from urae.output import save_image
-    from urae.presets import resolve_spec
-    from urae.spec import AdapterRef
-
+    """Generate images for a job and hand them to the image writer, which stores them and finishes the job."""
     rt = runtime()
     job = _parse(rt, GeneratePayload, payload)
     if job is None:
@@ -116,31 +118,89 @@ def run_generate(payload: dict[str, Any]) -> str:
     generator = _resident_generator(rt, job.job_id)
     if generator is None:
         return JobStatus.FAILED
-    with _running(rt, job.job_id) as record:
-        if record is None:
-            return "skipped"
-        timings = dict(record["timings"])
-        written: list[str] = []
+    lease = ExitStack()
+    handed_off = False
+    try:
+        with _running(rt, job.job_id, lease) as record:
+            if record is None:
+                return "skipped"
+            status = _generate(rt, job, generator, record, lease)
+            handed_off = status == JobStatus.STARTED
+            return status
+    finally:
+        if not handed_off:
+            lease.close()
+
+
+def _generate(rt: Runtime, job: GeneratePayload, generator: Any, record: dict[str, Any], lease: ExitStack) -> str:
+    """Denoise and decode; on success the images go to the writer thread (returns ``started``: the job
+    finishes there, once its files are written)."""
+    from urae.errors import GenerationCanceled, UraeError
+    from urae.presets import resolve_spec
+    from urae.spec import AdapterRef
+
+    timings = dict(record["timings"])
+    # The job runs with the adapter files it was submitted with, or not at all.
+    rt.pinned_versions = dict(job.adapter_versions)
+    try:
+        spec = resolve_spec(
+            job.prompt, job.preset, schnell=generator.schnell, aspect_ratio=job.aspect_ratio,
+            adapters=tuple(AdapterRef(a.name, a.weight) for a in job.adapters),
+            width=job.width, height=job.height, steps=job.steps, guidance=job.guidance,
+            seed=job.seed, num_images=job.num_images, tier=job.tier,
+        )
+
+        def on_progress(p: Any) -> None:
+            try:
+                rt.records.set_progress(job.job_id, {"stage": p.stage, "step": p.step, "total": p.total})
+            except JobTimeoutException:
+                raise
+            except Exception:
+                log.warning("job %s: progress not published", job.job_id)
+
+        preview_every = rt.settings.preview_every if job.preview_every is None else job.preview_every
+        result = generator.generate(spec, on_progress=on_progress, should_cancel=_should_stop(rt, job.job_id),
+                                    on_preview=_preview_publisher(rt, job.job_id), preview_every=preview_every)
+        timings.update({k: round(v, 4) for k, v in result.timings.items()})
+        # The next job denoises while these images are encoded and stored; this job is reported
+        # finished (and its lease released) only once every file is durably written.
+        rt.image_writer.submit(partial(_write_and_finish, rt, job, record, spec, result, timings, lease))
+        return JobStatus.STARTED
+    except GenerationCanceled as exc:
+        if rt.shutdown_overdue():
+            rt.records.requeue(job.job_id, "the worker shut down; the job runs again later")
+            return JobStatus.QUEUED
+        rt.records.cancel_done(job.job_id, f"canceled by request ({exc})", timings)
+        return JobStatus.CANCELED
+    except UraeError as exc:
+        rt.records.fail(job.job_id, str(exc), timings)
+        return JobStatus.FAILED
+    except JobTimeoutException:
+        raise
+    except StorageUnavailable as exc:
+        rt.records.fail(job.job_id, str(exc), timings)
+        return JobStatus.FAILED
+    except Exception as exc:
+        _fail_unexpected(rt, job.job_id, exc, timings)
+        return JobStatus.FAILED
+    finally:
+        rt.pinned_versions = {}
+
+
+def _write_and_finish(
+    rt: Runtime, job: GeneratePayload, record: dict[str, Any], spec: Any, result: Any, timings: dict[str, float],
+    lease: ExitStack,
+) -> None:
+    """(Writer thread) encode and store every image atomically, then finish the job and end its lease.
+    Any failure fails the job and leaves none of its images behind."""
+    from urae.errors import OutputWriteError, UraeError
+    from urae.output import save_image
+
+    written: list[str] = []
+    written_bytes = 0
+    with lease:
         try:
-            spec = resolve_spec(
-                job.prompt, job.preset, schnell=generator.schnell, aspect_ratio=job.aspect_ratio,
-                adapters=tuple(AdapterRef(a.name, a.weight) for a in job.adapters),
-                width=job.width, height=job.height, steps=job.steps, guidance=job.guidance,
-                seed=job.seed, num_images=job.num_images,
-            )
-
-            def on_progress(p: Any) -> None:
-                try:
-                    rt.records.set_progress(job.job_id, {"stage": p.stage, "step": p.step, "total": p.total})
-                except JobTimeoutException:
-                    raise
-                except Exception:
-                    log.warning("job %s: progress not published", job.job_id)
-
-            preview_every = rt.settings.preview_every if job.preview_every is None else job.preview_every
-            result = generator.generate(spec, on_progress=on_progress, should_cancel=_should_stop(rt, job.job_id),
-                                        on_preview=_preview_publisher(rt, job.job_id), preview_every=preview_every)
-            timings.update({k: round(v, 4) for k, v in result.timings.items()})
+            timings["write_started_at"] = round(time.time(), 4)
             t0 = time.perf_counter()
             images = []
             for index, (image, metadata) in enumerate(zip(result.images, result.metadata, strict=True)):
@@ -148,7 +208,9 @@ def run_generate(payload: dict[str, Any]) -> str:
                 try:
                     tmp = rt.storage.temp_path(key)
                     try:
-                        save_image(image, {**metadata, "job_id": job.job_id}, tmp, job.output_format)
+                        save_image(image, {**metadata, "job_id": job.job_id}, tmp, job.output_format,
+                                   png_compress_level=rt.settings.png_compress_level)
+                        written_bytes += tmp.stat().st_size
                         rt.storage.put_file(key, tmp)
                     finally:
                         tmp.unlink(missing_ok=True)
@@ -161,30 +223,24 @@ def run_generate(payload: dict[str, Any]) -> str:
                     "content_type": CONTENT_TYPES[job.output_format],
                 })
             timings["write"] = round(time.perf_counter() - t0, 4)
+            timings["write_ended_at"] = round(time.time(), 4)
             summary = {"images": images, "seed": job.seed, "preset": spec.preset, "width": spec.width,
-                       "height": spec.height, "steps": spec.steps, "adapters": result.metadata[0]["adapters"]}
+                       "height": spec.height, "steps": spec.steps, "adapters": result.metadata[0]["adapters"],
+                       "tier": spec.tier, "attention_backend": result.metadata[0].get("attention_backend")}
             if rt.records.finish(job.job_id, summary, timings):
+                charge_job_images(rt.conn, job.job_id, record.get("owner", ""), written_bytes)
                 for stage in ("text_encode", "denoise", "decode", "write"):
                     if stage in timings:
                         observe_stage(rt.conn, stage, timings[stage])
-            return JobStatus.FINISHED
-        except GenerationCanceled as exc:
-            if rt.shutdown_overdue():
-                rt.records.requeue(job.job_id, "the worker shut down; the job runs again later")
-                return JobStatus.QUEUED
-            rt.records.cancel_done(job.job_id, f"canceled by request ({exc})", timings)
-            return JobStatus.CANCELED
-        except UraeError as exc:
+                for name in PEAK_MEMORY_KEYS:
+                    if name in timings:
+                        observe_peak_memory(rt.conn, name, timings[name])
+        except (UraeError, StorageUnavailable) as exc:
             _remove(rt, written)
             rt.records.fail(job.job_id, str(exc), timings)
-            return JobStatus.FAILED
-        except JobTimeoutException:
-            _remove(rt, written)
-            raise
         except Exception as exc:
             _remove(rt, written)
             _fail_unexpected(rt, job.job_id, exc, timings)
-            return JobStatus.FAILED
 
 
 def _preview_publisher(rt: Runtime, job_id: str) -> Callable[[Any], None]:
@@ -206,7 +262,16 @@ def _preview_publisher(rt: Runtime, job_id: str) -> Callable[[Any], None]:
 def _remove(rt: Runtime, keys: list[str]) -> None:
     # No partial result: a failed job leaves none of its images behind.
     for key in keys:
+        _discard(rt, key)
+
+
+def _discard(rt: Runtime, key: str) -> None:
+    """Delete an object the job no longer needs; with the store down, retention removes it later."""
+    rt.storage.evict(key)
+    try:
         rt.storage.delete(key)
+    except StorageUnavailable:
+        log.warning("could not delete %s: the object store is unavailable", key)
 
 
 def run_adapter_import(payload: dict[str, Any]) -> str:
@@ -223,10 +288,11 @@ def run_adapter_import(payload: dict[str, Any]) -> str:
     with _running(rt, job.job_id) as record:
         if record is None:
             return "skipped"
-        src = rt.storage.path(job.upload)
+        src: Any = job.upload
         try:
+            src = rt.storage.local_file(job.upload)
             adapter = register_file(rt, job.name, src, generator.pipe.transformer,
-                                    job.base_adapter, job.description, job.source)
+                                    job.base_adapter, job.description, job.source, record.get("owner", ""))
             rt.records.finish(job.job_id, {"adapter": adapter}, {})
             return JobStatus.FINISHED
         except UraeError as exc:
@@ -235,19 +301,25 @@ def run_adapter_import(payload: dict[str, Any]) -> str:
             return JobStatus.FAILED
         except JobTimeoutException:
             raise
+        except (StorageUnavailable, ObjectNotFound) as exc:
+            rt.records.fail(job.job_id, str(exc))
+            return JobStatus.FAILED
         except Exception as exc:
             _fail_unexpected(rt, job.job_id, exc)
             return JobStatus.FAILED
         finally:
-            rt.storage.delete(job.upload)
+            _discard(rt, job.upload)
 
 
 def register_file(
-    rt: Runtime, name: str, src: Any, transformer: Any, base_adapter: str | None, description: str, source: str
+    rt: Runtime, name: str, src: Any, transformer: Any, base_adapter: str | None, description: str, source: str,
+    owner: str = "",
 ) -> dict[str, Any]:
-    """Convert ``src`` into the served form under a new version of ``name`` and register it."""
+    """Convert ``src`` into the served form under a new version of ``name`` and register it for
+    ``owner`` (the key that uploaded or trained it), charging its bytes to that key."""
     from urae.adapters import prepare_for_serving
-    from urae.errors import HotswapRankError
+    from urae.adapters.manager import uncovered_layers
+    from urae.errors import AdapterLoadError, HotswapRankError
 
     version = uuid.uuid4().hex[:12]
     key = adapter_object(name, version)
@@ -262,6 +334,12 @@ def register_file(
                 f"adapter {name!r} has rank {info.rank} after conversion; the workers hot-swap adapters up to "
                 f"rank {limit} (URAE_HOTSWAP_RANK)"
             )
+        outside = uncovered_layers(info.targets)
+        if outside:
+            raise AdapterLoadError(
+                f"adapter {name!r} changes {len(outside)} layer(s) outside the attention projections the workers' "
+                f"adapter slots serve (first: {outside[0]})"
+            )
         rt.storage.put_file(key, tmp)
     finally:
         tmp.unlink(missing_ok=True)
@@ -270,12 +348,14 @@ def register_file(
         # rank: what the adapter was trained at; export_rank: the served plain LoRA's (2r + the base's
         # for a minor-component adapter).
         "name": name, "version": version, "object": key, "rank": info.trained_rank, "export_rank": info.rank,
-        "size_bytes": rt.storage.path(key).stat().st_size, "source": source, "description": description,
-        "created_at": time.time(), "sha256": info.sha256, "base_model": rt.settings.model,
+        "size_bytes": rt.storage.stat(key).size, "source": source, "description": description,
+        "created_at": time.time(), "sha256": info.sha256, "base_model": rt.settings.model, "owner": owner,
     }
     register_adapter(rt.conn, adapter)
+    charge(rt.conn, owner, int(adapter["size_bytes"]))
     if previous is not None and previous.get("object") != key:
         rt.storage.delete(previous["object"])
+        charge(rt.conn, previous.get("owner", ""), -int(previous.get("size_bytes", 0)))
     return adapter
 
 
@@ -293,7 +373,8 @@ def run_finetune(payload: dict[str, Any]) -> str:
     with _running(rt, job.job_id) as record:
         if record is None:
             return "skipped"
-        work = rt.storage.path(finetune_work_prefix(job.job_id))
+        # Checkpoints stay on this host: a job put back after a shutdown resumes where its files are.
+        work = rt.settings.local_cache_dir / finetune_work_prefix(job.job_id)
         keep_work = False
         try:
             overrides = dict(job.recipe)
@@ -304,7 +385,7 @@ def run_finetune(payload: dict[str, Any]) -> str:
             config = TrainConfig.from_dict({
                 **data,
                 "model_id": rt.settings.model,
-                "dataset_dir": str(rt.storage.path(dataset_prefix(job.dataset))),
+                "dataset_dir": str(_local_dataset(rt, job.dataset)),
                 "output_dir": str(work),
                 "device": "cpu" if rt.settings.device == "cpu" else "auto",
                 # A job put back after a shutdown continues from its last checkpoint.
@@ -328,7 +409,7 @@ def run_finetune(payload: dict[str, Any]) -> str:
             timings = {"train": round(time.monotonic() - started, 3)}
             # The trainer exports a plain LoRA on the original weights: validated here, no model needed.
             adapter = register_file(rt, job.adapter_name, result.adapter_path, None, None,
-                                    f"fine-tuned on dataset {job.dataset}", "finetune")
+                                    f"fine-tuned on dataset {job.dataset}", "finetune", record.get("owner", ""))
             final_loss = None if result.final_loss != result.final_loss else float(result.final_loss)
             rt.records.finish(job.job_id, {"adapter": adapter, "steps": result.steps, "final_loss": final_loss},
                               timings)
@@ -340,7 +421,7 @@ def run_finetune(payload: dict[str, Any]) -> str:
                 return JobStatus.QUEUED
             rt.records.cancel_done(job.job_id, f"canceled by request ({exc})")
             return JobStatus.CANCELED
-        except UraeError as exc:
+        except (UraeError, StorageUnavailable) as exc:
             rt.records.fail(job.job_id, str(exc))
             return JobStatus.FAILED
         except JobTimeoutException:
@@ -350,7 +431,17 @@ def run_finetune(payload: dict[str, Any]) -> str:
             return JobStatus.FAILED
         finally:
             if not keep_work:
-                rt.storage.delete(finetune_work_prefix(job.job_id))
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def _local_dataset(rt: Runtime, name: str) -> Any:
+    """The dataset's files on this host (downloaded once per content); a clear error when it is gone."""
+    from urae.errors import InvalidSpecError
+
+    try:
+        return rt.storage.local_tree(dataset_prefix(name))
+    except ObjectNotFound:
+        raise InvalidSpecError("dataset", f"dataset {name!r} is no longer stored") from None
 
 
 def _shipped_recipe(name: str) -> dict[str, Any]:

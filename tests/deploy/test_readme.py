@@ -28,7 +28,7 @@ WALKTHROUGH_HEADING = "## The API by example"
 # Every README command outside the walkthrough, and where it is exercised. "ci": .ci/run runs it (checked
 # below); "test": a test in this file runs it; the rest name the test that runs its equivalent.
 EXERCISED = {
-    "urae-serve": "tests/deploy/test_local_stack.py (python -m launcher.local_stack, the script's target)",
+    "urae-serve": "tests/launcher/test_local_stack.py (python -m launcher.local_stack, the script's target)",
     "cp .env.example .env": "no Docker engine here: tests/deploy/test_compose.py checks what compose reads",
     "docker compose up -d --build": "no Docker engine here: tests/deploy/test_compose.py",
     "python3 -m venv .venv && . .venv/bin/activate": "ci",

@@ -42,12 +42,14 @@ def service_env(service_env: dict[str, str]) -> dict[str, str]:
 
 
 class Receiver:
-    """An HTTP server that records every request and answers from a script of (status, delay) pairs."""
+    """An HTTP server that records every request and answers each path from its own script of
+    (status, delay) pairs, then with its default (200 at once unless set): a late delivery to one
+    test's path never uses up another test's answers."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
-        self.script: list[tuple[int, float]] = []
-        self.default: tuple[int, float] = (200, 0.0)
+        self.scripts: dict[str, list[tuple[int, float]]] = {}
+        self.defaults: dict[str, tuple[int, float]] = {}
         self.lock = threading.Lock()
         receiver = self
 
@@ -57,7 +59,8 @@ class Receiver:
                 with receiver.lock:
                     receiver.requests.append({"path": self.path, "headers": dict(self.headers.items()),
                                               "body": body, "at": time.time()})
-                    status, delay = receiver.script.pop(0) if receiver.script else receiver.default
+                    script = receiver.scripts.get(self.path)
+                    status, delay = script.pop(0) if script else receiver.defaults.get(self.path, (200, 0.0))
                 time.sleep(delay)
                 try:
                     self.send_response(status)
@@ -178,7 +181,7 @@ def test_chosen_events_started_progress_completed(http: httpx.Client, receiver: 
 def test_retries_after_500s_then_delivers(http: httpx.Client, receiver: Receiver, worker: Any,
                                           webhook_worker: Any) -> None:
     with receiver.lock:
-        receiver.script = [(500, 0.0), (503, 0.0)]
+        receiver.scripts["/flaky"] = [(500, 0.0), (503, 0.0)]
     job_id = http.post("/generate", json={**SMALL, "webhook": receiver.url("/flaky")}).json()["id"]
     requests = receiver.wait("/flaky", 3)
     assert len({r["headers"]["webhook-id"] for r in requests}) == 1  # one message, retried
@@ -196,7 +199,7 @@ def test_retries_after_500s_then_delivers(http: httpx.Client, receiver: Receiver
 def test_gives_up_within_the_bounded_time_and_records_it(http: httpx.Client, receiver: Receiver, worker: Any,
                                                           webhook_worker: Any) -> None:
     with receiver.lock:
-        receiver.script = [(500, 0.0)] * 50
+        receiver.defaults["/down"] = (500, 0.0)
     job_id = http.post("/generate", json={**SMALL, "webhook": receiver.url("/down")}).json()["id"]
     ended_at = wait_for_status(http, job_id)["ended_at"]
     attempts = attempts_when(http, job_id, lambda a: bool(a) and a[-1]["outcome"] == "gave_up",
@@ -205,33 +208,27 @@ def test_gives_up_within_the_bounded_time_and_records_it(http: httpx.Client, rec
     assert all(a["outcome"] == "retrying" for a in attempts[:-1]) and 3 <= len(attempts) <= 10
     time.sleep(2.0)
     assert len(receiver.received("/down")) == len(attempts)  # nothing after giving up
-    with receiver.lock:
-        receiver.script = []
 
 
 def test_slow_receiver_blocks_neither_the_api_nor_the_worker(http: httpx.Client, receiver: Receiver, worker: Any,
                                                              webhook_worker: Any) -> None:
     with receiver.lock:
-        receiver.default = (200, 6.0)  # far past URAE_WEBHOOK_TIMEOUT_S=1
-    try:
-        baseline_id = http.post("/generate", json=SMALL).json()["id"]
-        baseline = wait_for_status(http, baseline_id)
-        started = time.monotonic()
-        response = http.post("/generate", json={**SMALL, "webhook": receiver.url("/slow"),
-                                                "webhook_events": ["started", "progress", "completed"]})
-        assert time.monotonic() - started < 2.0
-        job_id = response.json()["id"]
-        job = wait_for_status(http, job_id, timeout_s=30)
-        assert job["status"] == "finished"
-        # The job took about as long as one without a webhook, far less than one slow delivery.
-        assert job["ended_at"] - job["started_at"] < (baseline["ended_at"] - baseline["started_at"]) + 2.0
-        assert http.get("/health").status_code == 200
-        receiver.wait("/slow", 1)
-        attempts = attempts_when(http, job_id, lambda a: bool(a))
-        assert "no answer within" in attempts[0]["error"] and attempts[0]["outcome"] == "retrying"
-    finally:
-        with receiver.lock:
-            receiver.default = (200, 0.0)
+        receiver.defaults["/slow"] = (200, 6.0)  # far past URAE_WEBHOOK_TIMEOUT_S=1
+    baseline_id = http.post("/generate", json=SMALL).json()["id"]
+    baseline = wait_for_status(http, baseline_id)
+    started = time.monotonic()
+    response = http.post("/generate", json={**SMALL, "webhook": receiver.url("/slow"),
+                                            "webhook_events": ["started", "progress", "completed"]})
+    assert time.monotonic() - started < 2.0
+    job_id = response.json()["id"]
+    job = wait_for_status(http, job_id, timeout_s=30)
+    assert job["status"] == "finished"
+    # The job took about as long as one without a webhook, far less than one slow delivery.
+    assert job["ended_at"] - job["started_at"] < (baseline["ended_at"] - baseline["started_at"]) + 2.0
+    assert http.get("/health").status_code == 200
+    receiver.wait("/slow", 1)
+    attempts = attempts_when(http, job_id, lambda a: bool(a))
+    assert "no answer within" in attempts[0]["error"] and attempts[0]["outcome"] == "retrying"
 
 
 @pytest.mark.parametrize("url", [

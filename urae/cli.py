@@ -120,10 +120,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             tier=args.tier,
         )
 
-    build_spec(schnell=False)  # bad input fails here, before a model is loaded
+    checked = build_spec(schnell=False)  # bad input fails here, before a model is loaded
     generator = Generator.load(
         args.model, device=device, dtype=dtype, offload=args.offload, tiers=[args.tier],
         compile={"auto": None, "on": True, "off": False}[args.compile],
+        adapter_slots=max(2, len(checked.adapters)),  # one run: a slot for every adapter it mixes
     )
     spec = build_spec(generator.schnell)
     bar = tqdm(total=spec.steps * spec.num_images, desc=f"{spec.width}x{spec.height}", unit="step")

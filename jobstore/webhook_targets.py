@@ -55,10 +55,14 @@ def parse_allow_list(text: str) -> tuple[set[str], list[IPNetwork]]:
     return hosts, networks
 
 
-def _public(ip: IPAddress) -> bool:
+def _unmapped(ip: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (::ffff:a.b.c.d) as the IPv4 address it reaches."""
     mapped = getattr(ip, "ipv4_mapped", None)
-    if mapped is not None:
-        ip = mapped
+    return mapped if mapped is not None else ip
+
+
+def _public(ip: IPAddress) -> bool:
+    ip = _unmapped(ip)
     # is_global is False for private, loopback, link-local, shared (CGNAT), reserved and documentation ranges.
     return ip.is_global and not ip.is_multicast
 
@@ -101,7 +105,7 @@ def resolve_webhook_url(
     if host.lower() in allowed_hosts:
         return addresses
     for ip in addresses:
-        if not _public(ip) and not any(ip in network for network in allowed_networks):
+        if not _public(ip) and not any(_unmapped(ip) in network for network in allowed_networks):
             raise WebhookUrlError(
                 f"host {host!r} resolves to {ip}, a private, loopback, link-local or reserved address "
                 "(allowed only by URAE_WEBHOOK_ALLOW_PRIVATE or URAE_WEBHOOK_ALLOW_HOSTS)"

@@ -98,7 +98,7 @@ def test_finetune_registers_an_adapter_that_generate_uses(http: Any, workers: An
         ({"output_dir": "/etc"}, "recipe.output_dir"),
         ({"model_id": "other"}, "recipe.model_id"),
         ({"learning_rat": 1.0}, "recipe.learning_rat"),
-        ({"base_adapter": "missing"}, "adapters[0].name"),
+        ({"base_adapter": "missing"}, "recipe.base_adapter"),
         ({"recipe": "../../etc/passwd"}, "recipe.recipe"),
         ({"batch_size": 3, "global_batch_size": 8}, "recipe.global_batch_size"),
     ],

@@ -143,3 +143,18 @@ def test_warm_up_sets() -> None:
     assert {s.adapters[0].name for s in full if s.adapters} == {"urae-2k", "urae-4k-schnell"}
     with pytest.raises(InvalidSpecError, match="warmup"):
         warmup_specs("all", False, tiers, 1)
+
+
+def test_a_named_attention_backend_is_checked_and_set_on_every_processor() -> None:
+    from urae.errors import ModelLoadError
+    from urae.models import choose_attention_backend
+    from urae.tiny import build_tiny_pipeline
+
+    transformer = build_tiny_pipeline("tiny").transformer
+    # FA2 needs the flash-attn package and a GPU: refused by name, nothing changed.
+    with pytest.raises(ModelLoadError, match="'flash' does not run on cpu"):
+        choose_attention_backend(transformer, preference="flash")
+    assert choose_attention_backend(transformer, preference="_native_math") == "_native_math"
+    backends = {m.processor._attention_backend for m in transformer.modules() if hasattr(m, "processor")}
+    assert backends == {"_native_math"}  # a str enum: equal to its value
+    assert choose_attention_backend(transformer) == "native"

@@ -63,7 +63,7 @@ else
 fi
 
 set +e
-timeout --signal=INT --kill-after=15 "$LIMIT" "$PY" bench/gpu_generate.py "${ARGS[@]}" --out "$OUT" "$@" 2>&1 | tee -a "$OUT/log.txt"
+timeout --signal=TERM --kill-after=20 "$LIMIT" "$PY" bench/gpu_generate.py "${ARGS[@]}" --out "$OUT" "$@" 2>&1 | tee -a "$OUT/log.txt"
 status=${PIPESTATUS[0]}
 set -e
 if [[ $status -eq 124 ]]; then

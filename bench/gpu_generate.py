@@ -25,9 +25,11 @@ import inspect
 import json
 import math
 import re
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -335,9 +337,18 @@ def served_tiers(requested: list[str] | None, device: torch.device) -> list[str]
     return list(supported_tiers(device))
 
 
+def _stop_on_signal(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget_s)
+    # A hard time limit (timeout(1) sends TERM) ends the current row; the table of the finished rows is
+    # still written. INT too, even when started in the background with INT ignored.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_signal)
+        signal.signal(signal.SIGINT, _stop_on_signal)
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda:0"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -388,58 +399,66 @@ def main(argv: list[str] | None = None) -> int:
     probed: set[str] = set()
     rate = 3e14 if device.type == "cuda" else 2e9  # FLOP/s guess until a row is measured
 
-    for tier, size in plan:
-        preset = preset_for(size, sizes, args.tiny)
-        if tier == "fast" and "fast" not in getattr(getattr(generator, "speed", None), "tiers", ()):
-            # One load holds bf16 or fp8 weights: the fast rows run on a second load (same weights, fp8).
-            from torch import _dynamo
+    current = ""
+    try:
+        for tier, size in plan:
+            current = f"{tier} {size} px"
+            preset = preset_for(size, sizes, args.tiny)
+            if tier == "fast" and "fast" not in getattr(getattr(generator, "speed", None), "tiers", ()):
+                # One load holds bf16 or fp8 weights: the fast rows run on a second load (same weights, fp8).
+                from torch import _dynamo
 
-            del generator
-            _dynamo.reset()
-            gc.collect()
-            try:
-                old = pipe
-                pipe = type(old)(**{**old.components, "transformer": fresh_transformer(args.tiny, device)})
-                del old
+                del generator
+                _dynamo.reset()
                 gc.collect()
+                try:
+                    old = pipe
+                    pipe = type(old)(**{**old.components, "transformer": fresh_transformer(args.tiny, device)})
+                    del old
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    generator = make_generator(pipe, model_id, paths, ("fast",), args)
+                except Exception as exc:  # noqa: BLE001 - a row reports its failure and the run goes on
+                    skipped.append(f"fast rows: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                    break
+            estimate = estimate_row_s(config, size, args.steps, rate, tier not in probed, device)
+            if tier == "hotswap":
+                estimate = estimate_row_s(config, size, 3, rate, False, device)
+            if estimate > budget.left():
+                skipped.append(f"{tier} {size} px (needs ~{estimate:.0f} s, {budget.left():.0f} s left)")
+                print(f"skip {tier} {size}: budget", flush=True)
+                continue
+            try:
+                if tier == "hotswap":
+                    swap = hotswap_row(generator, size, preset, "quality" if "quality" in tiers else tiers[0], device)
+                    swap["rank"] = 8 if args.tiny else 48
+                    print(f"hot-swap: {swap['swap_ms']:.2f} ms, compiles {swap['compiles_after_swaps']}", flush=True)
+                else:
+                    row, image = run_row(generator, tier, size, preset, args, device, config, tier not in probed, scratch)
+                    probed.add(tier)
+                    rate = flops_per_step(config, size, size)["total"] / row["per_step_s"]
+                    reference = images.get(size, {}).get("quality")
+                    row["psnr_vs_quality"] = psnr(image, reference) if reference is not None and tier != "quality" else None
+                    images.setdefault(size, {})[tier] = image
+                    rows.append(row)
+                    print(table_lines([row], None, [], [])[-1], flush=True)
+            except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+                message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                if tier == "hotswap":
+                    swap = {"error": message}
+                else:
+                    rows.append({"tier": tier, "size": size, "error": message})
+                print(f"{tier} {size}: {message}", flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                generator = make_generator(pipe, model_id, paths, ("fast",), args)
-            except Exception as exc:  # noqa: BLE001 - a row reports its failure and the run goes on
-                skipped.append(f"fast rows: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-                break
-        estimate = estimate_row_s(config, size, args.steps, rate, tier not in probed, device)
-        if tier == "hotswap":
-            estimate = estimate_row_s(config, size, 3, rate, False, device)
-        if estimate > budget.left():
-            skipped.append(f"{tier} {size} px (needs ~{estimate:.0f} s, {budget.left():.0f} s left)")
-            print(f"skip {tier} {size}: budget", flush=True)
-            continue
-        try:
-            if tier == "hotswap":
-                swap = hotswap_row(generator, size, preset, "quality" if "quality" in tiers else tiers[0], device)
-                swap["rank"] = 8 if args.tiny else 48
-                print(f"hot-swap: {swap['swap_ms']:.2f} ms, compiles {swap['compiles_after_swaps']}", flush=True)
-            else:
-                row, image = run_row(generator, tier, size, preset, args, device, config, tier not in probed, scratch)
-                probed.add(tier)
-                rate = flops_per_step(config, size, size)["total"] / row["per_step_s"]
-                reference = images.get(size, {}).get("quality")
-                row["psnr_vs_quality"] = psnr(image, reference) if reference is not None and tier != "quality" else None
-                images.setdefault(size, {})[tier] = image
-                rows.append(row)
-                print(table_lines([row], None, [], [])[-1], flush=True)
-        except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            if tier == "hotswap":
-                swap = {"error": message}
-            else:
-                rows.append({"tier": tier, "size": size, "error": message})
-            print(f"{tier} {size}: {message}", flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        if out is not None:
-            (out / "rows.json").write_text(json.dumps({"rows": rows, "hotswap": swap, "skipped": skipped}, indent=1, default=str))
+            if out is not None:
+                (out / "rows.json").write_text(json.dumps({"rows": rows, "hotswap": swap, "skipped": skipped}, indent=1, default=str))
+    except KeyboardInterrupt:  # the script's hard time limit: keep what ran, write the table
+        skipped.append(f"interrupted by the time limit during {current}; later rows did not run")
+        print(f"interrupted during {current}", flush=True)
+    if out is not None:
+        (out / "rows.json").write_text(json.dumps({"rows": rows, "hotswap": swap, "skipped": skipped}, indent=1, default=str))
 
     flop_lines = ["", "FLOPs per step (real FLUX.1-dev architecture, 512 text tokens):"]
     for size in (1024, 2048, 4096):

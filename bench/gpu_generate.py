@@ -204,7 +204,8 @@ def run_row(
 
     t = result.timings
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    per_step = statistics.median(gaps) if gaps else t["denoise"] / args.steps
+    # Mean over steps 2..n (the first carries one-off work): a step cache makes steps uneven.
+    per_step = statistics.fmean(gaps) if gaps else t["denoise"] / args.steps
     flops = flops_per_step(config, size, size, spec.max_sequence_length)
     peak = t.get(PEAK_GPU_KEY, t.get(PEAK_RSS_KEY, float("nan")))
     meta = result.metadata[0]

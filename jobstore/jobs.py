@@ -91,7 +91,7 @@ def new_job_id() -> str:
 
 
 def owner_jobs_key(owner: str) -> str:
-    """Set of the ids of an owner's jobs that may still be waiting (pruned when counted)."""
+    """Set of the ids of an owner's jobs that have not ended (an ending job leaves it)."""
     return f"{KEY_PREFIX}:owner:{owner}:jobs"
 
 
@@ -156,6 +156,7 @@ class JobRecords:
         pipe.hincrby(JOB_COUNTS_KEY, str(JobStatus.QUEUED), 1)
         self._enqueue(job_id, job_id, kind, queue, payload, timeout_s, pipe)
         pipe.sadd(owner_jobs_key(owner), job_id)
+        pipe.expire(owner_jobs_key(owner), self.result_ttl_s)
         pipe.llen(rq_queue_key(queue))
         queue_length = int(pipe.execute()[-1])
         return {**self._with_defaults({"id": job_id, **stored}), "queue_length": queue_length}
@@ -229,7 +230,11 @@ class JobRecords:
         )
         ok = result == 1
         if ok and new in TERMINAL_STATUSES:
+            owner = self.conn.hget(job_key(job_id), "owner")
             pipe = self.conn.pipeline()
+            if owner is not None:
+                # An ended job no longer counts against its owner's waiting jobs.
+                pipe.srem(owner_jobs_key(_text(owner)), job_id)
             pipe.expire(job_key(job_id), self.result_ttl_s)
             pipe.expire(job_events_key(job_id), self.result_ttl_s)
             pipe.delete(job_cancel_key(job_id))

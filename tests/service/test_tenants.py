@@ -137,6 +137,7 @@ def test_per_key_limit_on_waiting_jobs(clients: dict[str, As], conn: redis.Redis
     # A canceled job no longer counts.
     waiting = [m.decode() for m in conn.smembers(f"urae:owner:{owner('a')}:jobs")]
     assert a.delete(f"/jobs/{waiting[0]}").status_code == 200
+    assert waiting[0].encode() not in conn.smembers(f"urae:owner:{owner('a')}:jobs")  # ended: forgotten at once
     assert a.post("/generate", json=GENERATE).status_code == 202
 
 

@@ -52,14 +52,9 @@ def send(settings: Settings, url: str, message_id: str, body: str) -> AttemptOut
         )
     except WebhookUrlError as exc:
         return AttemptOutcome(None, f"refused: the URL {exc}", retry="does not resolve" in str(exc))
-    if not addresses:
-        return AttemptOutcome(None, "the host resolves to no address", retry=True)
     parts = urlsplit(url)
     host = parts.hostname or ""
-    ip = addresses[0]
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    pinned = urlunsplit((parts.scheme, f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}",
-                         parts.path or "/", parts.query, ""))
     default_port = (parts.scheme == "https" and port == 443) or (parts.scheme == "http" and port == 80)
     headers = {
         "content-type": "application/json",
@@ -70,19 +65,29 @@ def send(settings: Settings, url: str, message_id: str, body: str) -> AttemptOut
     auth = (parts.username or "", parts.password or "") if parts.username else None
     # TLS: the certificate is checked against the URL's host name, not the address.
     extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
-    try:
-        with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False) as client:
-            # Streamed and closed unread: a receiver cannot make this process read a large answer.
-            with client.stream("POST", pinned, content=body.encode(), headers=headers, auth=auth,
-                               extensions=extensions) as response:
-                code = response.status_code
-    except httpx.TimeoutException:
-        return AttemptOutcome(None, f"no answer within {settings.webhook_timeout_s:g} s", retry=True)
-    except httpx.HTTPError as exc:
-        return AttemptOutcome(None, f"{type(exc).__name__}: {exc}"[:300], retry=True)
-    if 200 <= code < 300:
-        return AttemptOutcome(code, None, retry=False)
-    return AttemptOutcome(code, f"the receiver answered {code}", retry=True)
+    outcome = AttemptOutcome(None, "no address to connect to", retry=True)
+    with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False) as client:
+        # Each checked address in turn until one accepts the connection (a host name may have an IPv6
+        # and an IPv4 address, and the receiver listen on one of them only).
+        for ip in addresses:
+            pinned = urlunsplit((parts.scheme, f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}",
+                                 parts.path or "/", parts.query, ""))
+            try:
+                # Streamed and closed unread: a receiver cannot make this process read a large answer.
+                with client.stream("POST", pinned, content=body.encode(), headers=headers, auth=auth,
+                                   extensions=extensions) as response:
+                    code = response.status_code
+            except httpx.ConnectError as exc:
+                outcome = AttemptOutcome(None, f"cannot connect to {ip}: {exc}"[:300], retry=True)
+                continue
+            except httpx.TimeoutException:
+                return AttemptOutcome(None, f"no answer within {settings.webhook_timeout_s:g} s", retry=True)
+            except httpx.HTTPError as exc:
+                return AttemptOutcome(None, f"{type(exc).__name__}: {exc}"[:300], retry=True)
+            if 200 <= code < 300:
+                return AttemptOutcome(code, None, retry=False)
+            return AttemptOutcome(code, f"the receiver answered {code}", retry=True)
+    return outcome
 
 
 def next_delay(settings: Settings, attempt: int) -> float:

@@ -116,6 +116,8 @@ def resolve_webhook_url(
 def webhook_target(url: str, events: Iterable[str] | None, progress_interval_s: float) -> dict[str, Any]:
     """What a job record keeps about its webhook (the ``webhook`` field)."""
     chosen = list(dict.fromkeys(events)) if events is not None else list(DEFAULT_WEBHOOK_EVENTS)
+    if not chosen:
+        raise WebhookUrlError(f"name at least one webhook event of {', '.join(WEBHOOK_EVENTS)} (or leave them out)")
     unknown = [e for e in chosen if e not in WEBHOOK_EVENTS]
     if unknown:
         raise WebhookUrlError(f"unknown webhook event {unknown[0]!r}; choose from {', '.join(WEBHOOK_EVENTS)}")

@@ -48,6 +48,8 @@ def test_events_default_to_the_terminal_ones_and_unknown_ones_are_refused() -> N
     assert webhook_target("https://h/x", ["progress", "progress", "started"], 5.0)["events"] == ["progress", "started"]
     with pytest.raises(WebhookUrlError, match="unknown webhook event 'finished'"):
         webhook_target("https://h/x", ["finished"], 5.0)
+    with pytest.raises(WebhookUrlError, match="at least one"):
+        webhook_target("https://h/x", [], 5.0)
 
 
 def test_backoff_doubles_and_is_capped() -> None:

@@ -426,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             estimate = estimate_row_s(config, size, args.steps, rate, tier not in probed, device)
             if tier == "hotswap":
                 estimate = estimate_row_s(config, size, 3, rate, False, device)
-            if estimate > budget.left():
+            # The first row always runs (the script's hard limit still applies): an estimate must not
+            # refuse the one row a run was started for.
+            if (rows or swap is not None) and estimate > budget.left():
                 skipped.append(f"{tier} {size} px (needs ~{estimate:.0f} s, {budget.left():.0f} s left)")
                 print(f"skip {tier} {size}: budget", flush=True)
                 continue

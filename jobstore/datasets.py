@@ -68,7 +68,8 @@ def active_jobs(conn: redis.Redis, name: str) -> list[str]:
     pipe = conn.pipeline(transaction=False)
     for job_id in members:
         pipe.hget(job_key(job_id), "status")
-    active, ended = [], []
+    active: list[str] = []
+    ended: list[str] = []
     for job_id, status in zip(members, pipe.execute(), strict=True):
         (active if status is not None and _text(status) in _ACTIVE else ended).append(job_id)
     if ended:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,3 +217,21 @@ def test_patched_convolutions_match_the_plain_decode(vae, shape, monkeypatch):
     torch.testing.assert_close(patched, full, atol=1e-5, rtol=0)
     # The decoder is back to its own forward afterwards.
     assert all("forward" not in vars(m) for m in vae.decoder.modules())
+
+
+def test_image_metadata_names_the_decode_that_ran(tiny_generator, monkeypatch):
+    import urae.vae_decode as vae_decode
+
+    monkeypatch.setattr(vae_decode, "FULL_DECODE_MAX_PIXELS", 64 * 64)  # auto -> exact at 128 x 96
+    spec = resolve_spec("a lighthouse", "1k", width=128, height=96, steps=2, seed=3, vae_decode="auto")
+    exact = tiny_generator.generate(spec)
+    assert exact.metadata[0]["vae_decode"] == "exact"
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(vae_decode, "exact_decode", out_of_memory)
+    tiled = tiny_generator.generate(spec)
+    assert tiled.metadata[0]["vae_decode"] == "tiled"
+    # The fallback's tiles cover this small image in one piece: the same pixels.
+    assert np.abs(np.asarray(tiled.images[0], np.int16) - np.asarray(exact.images[0], np.int16)).max() <= 1

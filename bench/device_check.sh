@@ -4,7 +4,8 @@
 # Prints and writes under $OUT: one row per (tier, size) with s/step, TFLOP/s, text/denoise/decode/
 # PNG seconds, end-to-end and 28-step estimate, peak GPU memory, attention backend and kernel,
 # compilations during the timed run, PSNR against the quality tier; the adapter hot-swap time and
-# the compilations it causes; side-by-side and full-resolution crop images of each size's tiers.
+# the compilations it causes; one sample sheet per size (the tiers side by side, and full-resolution
+# centre crops of each).
 # It keeps to ~7 minutes (--budget-s, default 400 s for the Python part, hard stop at 450 s) and says
 # which rows did not fit.
 #

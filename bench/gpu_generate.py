@@ -290,21 +290,18 @@ def table_lines(rows: list[dict[str, Any]], swap: dict[str, Any] | None, skipped
 
 
 def save_samples(images: dict[int, dict[str, Image.Image]], out: Path) -> None:
-    """Per size: the tiers side by side (downscaled), and a full-resolution centre crop of each."""
+    """One JPEG per size: the tiers side by side (downscaled) on top, a full-resolution centre crop of
+    each below (where detail differences show)."""
     for size, by_tier in images.items():
         tiles = list(by_tier.items())
-        thumb = min(768, size)
-        side = Image.new("RGB", (thumb * len(tiles), thumb), "white")
-        crop_side = min(512, size)
-        crops = Image.new("RGB", (crop_side * len(tiles), crop_side), "white")
+        thumb, crop = min(768, size), min(512, size)
+        sheet = Image.new("RGB", (max(thumb, crop) * len(tiles), thumb + crop), "white")
         for i, (_, image) in enumerate(tiles):
-            side.paste(image.resize((thumb, thumb), Image.LANCZOS), (i * thumb, 0))
-            left = (image.width - crop_side) // 2
-            top = (image.height - crop_side) // 2
-            crops.paste(image.crop((left, top, left + crop_side, top + crop_side)), (i * crop_side, 0))
-        order = "-".join(name for name, _ in tiles)
-        side.save(out / f"side_{size}_{order}.jpg", quality=90)
-        crops.save(out / f"crop_{size}_{order}.jpg", quality=92)
+            x = i * max(thumb, crop)
+            sheet.paste(image.resize((thumb, thumb), Image.LANCZOS), (x, 0))
+            left, top = (image.width - crop) // 2, (image.height - crop) // 2
+            sheet.paste(image.crop((left, top, left + crop, top + crop)), (x, thumb))
+        sheet.save(out / f"samples_{size}_{'-'.join(name for name, _ in tiles)}.jpg", quality=92)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

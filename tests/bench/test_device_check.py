@@ -36,8 +36,8 @@ def test_device_check_quick_mode_writes_its_table_and_images(tmp_path):
     table = (out / "table.md").read_text()
     assert "| quality | 128 |" in table and "hot-swap" in table and "4096 px: N=66048, total 3908.4 TFLOP" in table
     assert "| quality | 128 |" in proc.stdout  # printed too
-    sides = sorted(out.glob("side_128_*.jpg"))
-    assert sides and Image.open(sides[0]).size[1] == 128
+    sheets = sorted(out.glob("samples_128_quality*.jpg"))
+    assert sheets and Image.open(sheets[0]).size[1] == 2 * 128  # downscaled row + full-resolution crops
     assert (out / "log.txt").read_text().count("device_check") >= 1
 
 

@@ -283,6 +283,9 @@ class SeaweedServer:
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        self.buckets: set[str] = set()
+        # The gateway started before the filer listens waits seconds in its retry backoff.
+        wait_for_port(filer, 30)
         self.start()
 
     @property
@@ -333,11 +336,14 @@ class SeaweedServer:
     def create_bucket(self, name: str) -> str:
         from botocore.exceptions import ClientError
 
+        if name in self.buckets:
+            return name
         try:
             self.client().create_bucket(Bucket=name)
         except ClientError as exc:
             if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise
+        self.buckets.add(name)
         return name
 
     def env(self, bucket: str, prefix: str = "urae") -> dict[str, str]:

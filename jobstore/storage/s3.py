@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,12 @@ def _client_config(endpoint_url: str | None, connect_timeout_s: float) -> Config
     )
 
 
+@lru_cache(maxsize=4)
+def _session(region: str) -> boto3.session.Session:
+    # One per process and region: a new session loads botocore's service models again (~0.2 s).
+    return boto3.session.Session(region_name=region)
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,14 +97,18 @@ class S3Storage(Storage):
         self.cache_dir = Path(cache_dir).resolve()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        session = boto3.session.Session(region_name=region)
+        session = _session(region)
+        # Read here, not cached with the session; unset, boto3's own chain applies (profile, role).
+        keys = {"aws_access_key_id": os.environ.get("AWS_ACCESS_KEY_ID"),
+                "aws_secret_access_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                "aws_session_token": os.environ.get("AWS_SESSION_TOKEN")}
         self.client: Any = session.client(
-            "s3", endpoint_url=endpoint_url, config=_client_config(endpoint_url, connect_timeout_s)
+            "s3", endpoint_url=endpoint_url, config=_client_config(endpoint_url, connect_timeout_s), **keys
         )
         # A presigned URL is signed for the host the client will use: the public one when it differs.
         public = public_endpoint_url or endpoint_url
         self._presigner: Any = (
-            session.client("s3", endpoint_url=public, config=_client_config(public, connect_timeout_s))
+            session.client("s3", endpoint_url=public, config=_client_config(public, connect_timeout_s), **keys)
             if public != endpoint_url else self.client
         )
         self.presigned_ttl_s = presigned_ttl_s

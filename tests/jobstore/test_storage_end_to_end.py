@@ -88,11 +88,12 @@ def stack(request: pytest.FixtureRequest, service_env: dict[str, str],
     api_env = partial.host_env("api-host")
     partial.api = ApiServer(api_env, Stack.mkdir(root / "logs") / "api.log")
     partial.http = httpx.Client(base_url=partial.api.url, headers=auth(API_KEY), timeout=60)
-    # Both start at once: each takes seconds to import torch.
-    generator = partial.start_worker("gen-host-a", "--queues", "generate", wait=False)
-    trainer = partial.start_worker("train-host", "--queues", "finetune", wait=False)
-    generator.wait_ready(service_env["URAE_REDIS_URL"], "gen-host-a")
-    trainer.wait_ready(service_env["URAE_REDIS_URL"], "train-host")
+    # All start at once: each takes seconds to import torch. On S3 a second generation host joins.
+    names = ["gen-host-a", "train-host"] + (["gen-host-b"] if request.param == "s3" else [])
+    for name in names:
+        partial.start_worker(name, "--queues", "finetune" if name == "train-host" else "generate", wait=False)
+    for name in names:
+        partial.workers[name].wait_ready(service_env["URAE_REDIS_URL"], name)
     yield partial
     partial.http.close()
     for worker in partial.workers.values():
@@ -157,7 +158,7 @@ def test_an_uploaded_adapter_is_used_by_a_worker_on_another_host(stack: Stack, t
     assert stack.local_files("api-host", "*.safetensors") == []
     if stack.backend == "s3":
         # The worker's copy sits in its own cache, named by the content hash of the stored object.
-        cached = stack.local_files("gen-host-a", "sha256-*.safetensors")
+        cached = [p for host in ("gen-host-a", "gen-host-b") for p in stack.local_files(host, "sha256-*.safetensors")]
         assert cached, "the worker read the adapter through its content-hash cache"
 
 
@@ -252,7 +253,7 @@ def test_two_hosts_share_the_work_and_a_killed_hosts_job_ends(stack: Stack) -> N
     from jobstore.jobs import JobRecords
     from jobstore.queues import connect
 
-    second = stack.start_worker("gen-host-b", "--queues", "generate")
+    second = stack.workers["gen-host-b"]
     ids = [stack.http.post("/generate", json={**SMALL, "seed": s, "steps": 4}).json()["id"] for s in range(8)]
     jobs = [wait_for_status(stack.http, job_id) for job_id in ids]
     assert [j["status"] for j in jobs] == ["finished"] * 8

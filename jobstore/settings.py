@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     s3_presigned_ttl_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)
     # This process's own local files: copies of stored objects (keyed by content hash), upload spools.
     cache_dir: Path | None = None
+    # Copies of stored objects beyond this many bytes are removed, least recently used first (0: no bound).
+    cache_max_bytes: int = Field(default=50 * 1024**3, ge=0)
 
     model: str = "black-forest-labs/FLUX.1-dev"
     device: str = "cuda"

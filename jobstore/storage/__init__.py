@@ -46,5 +46,6 @@ def open_storage(settings: Settings) -> Storage:
             endpoint_url=settings.s3_endpoint_url or None,
             public_endpoint_url=settings.s3_public_endpoint_url or None,
             presigned_ttl_s=settings.s3_presigned_ttl_s if settings.s3_presigned_downloads else None,
+            cache_max_bytes=settings.cache_max_bytes or None,
         )
     return LocalStorage(url)

@@ -16,6 +16,7 @@ import mimetypes
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -42,6 +43,8 @@ from jobstore.storage.base import (
 )
 
 TREE_MANIFEST = ".tree.json"
+# A cached copy used this recently is never pruned (a job may still be reading it).
+_CACHE_IN_USE_S = 600.0
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _HASH_CHUNK = 1024 * 1024
 # Multipart above 64 MiB (adapters can be GBs); the completed upload is still one atomic object.
@@ -92,6 +95,7 @@ class S3Storage(Storage):
         public_endpoint_url: str | None = None,
         presigned_ttl_s: int | None = None,
         connect_timeout_s: float = 3.0,
+        cache_max_bytes: int | None = None,
     ):
         self.bucket, self.prefix = parse_s3_url(url)
         self.cache_dir = Path(cache_dir).resolve()
@@ -112,6 +116,7 @@ class S3Storage(Storage):
             if public != endpoint_url else self.client
         )
         self.presigned_ttl_s = presigned_ttl_s
+        self.cache_max_bytes = cache_max_bytes
         self._cached: dict[str, Path] = {}
 
     # -- keys and errors ----------------------------------------------------------------------------
@@ -224,8 +229,11 @@ class S3Storage(Storage):
         objects = self.cache_dir / "objects"
         objects.mkdir(parents=True, exist_ok=True)
         cached = objects / f"{content_id}{Path(key).suffix}"
-        if not cached.is_file():
+        if cached.is_file():
+            os.utime(cached)  # recently used: the last to be pruned
+        else:
             self._download(key, cached, sha256)
+            self._prune(keep=cached)
         self._cached[key] = cached
         return cached
 
@@ -297,6 +305,7 @@ class S3Storage(Storage):
         trees.mkdir(parents=True, exist_ok=True)
         cached = trees / hashlib.sha256(manifest_bytes).hexdigest()
         if cached.is_dir():
+            os.utime(cached)
             return cached
         staging = Path(tempfile.mkdtemp(dir=trees, prefix=".tmp-"))
         try:
@@ -314,7 +323,34 @@ class S3Storage(Storage):
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self._prune(keep=cached)
         return cached
+
+    def _prune(self, keep: Path) -> None:
+        """Remove cached copies, least recently used first, until the cache fits its bound. Entries
+        used in the last minutes stay whatever the size: a job may be reading them."""
+        if self.cache_max_bytes is None:
+            return
+        entries = []
+        for kind in ("objects", "trees"):
+            for entry in (self.cache_dir / kind).glob("[!.]*"):
+                try:
+                    files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
+                    entries.append((entry.stat().st_mtime, sum(p.stat().st_size for p in files), entry))
+                except FileNotFoundError:  # pruned by another process meanwhile
+                    continue
+        total = sum(size for _, size, _ in entries)
+        recent = time.time() - _CACHE_IN_USE_S
+        for used, size, entry in sorted(entries, key=lambda e: e[0]):
+            if total <= self.cache_max_bytes:
+                break
+            if entry == keep or used > recent:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            total -= size
 
     # -- downloads ----------------------------------------------------------------------------------
     def download_url(self, key: str) -> str | None:

@@ -203,3 +203,24 @@ def test_storage_dir_stays_the_local_default(tmp_path: Path) -> None:
     assert isinstance(storage, LocalStorage) and storage.root == (tmp_path / "d").resolve()
     storage = open_storage(make_settings({"URAE_API_KEYS": "k", "URAE_STORAGE_URL": str(tmp_path / "u")}))
     assert isinstance(storage, LocalStorage) and storage.root == (tmp_path / "u").resolve()
+
+
+def test_the_local_cache_keeps_to_its_bound_least_recently_used_first(s3_env: dict[str, str], tmp_path: Path) -> None:
+    import os
+
+    settings = make_settings({"URAE_API_KEYS": "k", "URAE_CACHE_DIR": str(tmp_path), **s3_env,
+                              "URAE_CACHE_MAX_BYTES": "2500"})
+    storage = open_storage(settings)
+    for name in ("a", "b", "c", "d"):
+        storage.put(f"adapters/{name}/v.safetensors", name.encode() * 1000)
+    a, b = storage.local_file("adapters/a/v.safetensors"), storage.local_file("adapters/b/v.safetensors")
+    hour_ago = time.time() - 3600
+    os.utime(a, (hour_ago - 60, hour_ago - 60))
+    os.utime(b, (hour_ago, hour_ago))
+    c = storage.local_file("adapters/c/v.safetensors")  # 3000 bytes > 2500: the oldest goes
+    assert not a.exists() and b.exists() and c.exists()
+    d = storage.local_file("adapters/d/v.safetensors")
+    assert not b.exists() and c.exists() and d.exists()
+    assert storage.local_file("adapters/a/v.safetensors").read_bytes() == b"a" * 1000  # fetched again
+    # 3000 bytes again, but copies used in the last minutes stay: a job may be reading them.
+    assert c.exists() and d.exists()

@@ -20,7 +20,7 @@ from jobstore.metrics import peak_memory_lines
 from jobstore.queues import rq_queue_key
 from jobstore.workers import live_workers
 from service.admission import serving_workers
-from service.deps import ApiKeyDep, RedisDep, SettingsDep
+from service.deps import ApiKeyDep, RedisDep, SettingsDep, StorageDep
 
 router = APIRouter(tags=["health"])
 
@@ -32,11 +32,12 @@ def health() -> dict[str, str]:
 
 
 @router.get("/ready", responses={503: {"description": "not ready, with the reason"}})
-def ready(_: ApiKeyDep, settings: SettingsDep, conn: RedisDep) -> JSONResponse:
-    """Redis answers and at least one live generation worker serves the configured model."""
+def ready(_: ApiKeyDep, settings: SettingsDep, conn: RedisDep, storage: StorageDep) -> JSONResponse:
+    """Redis and the storage answer, and at least one live generation worker serves the configured model."""
     conn.ping()
+    storage.exists("ready-probe")  # an unreachable object store answers 503 (StorageUnavailable)
     workers = serving_workers(conn, settings, JobKind.GENERATE)
-    body = {"redis": "ok", "model": settings.model, "live_workers": len(workers),
+    body = {"redis": "ok", "storage": "ok", "model": settings.model, "live_workers": len(workers),
             # What the live workers serve, and how (a worker heartbeats only after its warm-up).
             "tiers": sorted({t for w in workers for t in w.get("tiers", ["quality"])}, key=TIERS.index),
             "workers": [{"tiers": w.get("tiers", ["quality"]), "attention_backend": w.get("attention_backend"),

@@ -229,8 +229,10 @@ def test_the_store_going_down_gives_clear_errors_and_recovers_without_restarts(
 
         job = wait_for_status(stack.http, stack.http.post("/generate", json=SMALL).json()["id"])
         assert job["status"] == "failed" and "object store is unavailable" in job["error"], job
+        assert stack.http.get("/ready").status_code == 503
     finally:
         s3.start()
+    assert stack.http.get("/ready").json()["storage"] == "ok"
     # Nothing half-written: the failed job left no object, the refused dataset no files.
     assert stack.http.get(f"/jobs/{job['id']}/images/0").status_code == 409
     client, prefix = s3.client(), stack.storage_env["URAE_STORAGE_URL"].split("/", 3)[3]

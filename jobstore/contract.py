@@ -19,7 +19,8 @@ from pydantic import BaseModel, Field
 SIZE_MULTIPLE = 16
 MIN_SIDE = 64
 MAX_SIDE = 8192
-MAX_PIXELS = 4096 * 4096 + 4096 * 64
+MAX_PIXELS = 4096 * 4160  # 4096^2 plus 64 rows: the 4K preset's 4:3 and 3:2 sizes go slightly above 4096^2
+PIXEL_LIMIT_TEXT = f"{MAX_PIXELS:,} pixels (width x height; 4096x4160 is the largest with a 4096 side)"
 MAX_STEPS = 100
 MAX_GUIDANCE = 30.0
 MAX_PROMPT_CHARS = 2000
@@ -217,6 +218,9 @@ class AdapterImportPayload(BaseModel):
     # NO_BASE_ADAPTER when it was split from the plain base. None: a plain LoRA.
     base_adapter: str | None = Field(default=None, pattern=ADAPTER_NAME_PATTERN)
     source: str = "upload"
+    # What the name held when the API accepted the job: "" (free) or the version being replaced. The
+    # worker registers only if that is still so (None: not checked).
+    replaces: str | None = None
 
 
 class FinetunePayload(BaseModel):
@@ -226,6 +230,13 @@ class FinetunePayload(BaseModel):
     adapter_name: str = Field(pattern=ADAPTER_NAME_PATTERN)
     dataset: str = Field(pattern=DATASET_NAME_PATTERN)
     recipe: dict[str, object] = {}
+    # As AdapterImportPayload.replaces, for the trained adapter's name.
+    replaces: str | None = None
+
+
+def pixel_limit_error(width: int, height: int) -> str:
+    """The message for a size above MAX_PIXELS (mirrors urae.spec.pixel_limit_error)."""
+    return f"{width}x{height} is {width * height:,} pixels; the maximum is {PIXEL_LIMIT_TEXT}"
 
 
 # -- sizes (mirror urae.presets.size_for_aspect) ------------------------------------------------------

@@ -173,8 +173,8 @@ def check_capability(
     if width * height > largest:
         raise ApiError(
             422,
-            f"{width}x{height} ({width * height} pixels) is larger than any live worker can generate "
-            f"(the largest takes {largest} pixels)",
+            f"{width}x{height} is {width * height:,} pixels, more than any live worker generates "
+            f"(the largest takes {largest:,} pixels, see URAE_WORKER_MAX_PIXELS)",
             field="width",
         )
     # Workers from before adapter slots existed do not advertise them: no limit known.
@@ -203,21 +203,24 @@ def generate_queue_lengths(conn: redis.Redis) -> dict[str, int]:
     return dict(zip(GENERATE_QUEUES, (int(n) for n in pipe.execute()), strict=True))
 
 
-def check_name_free(conn: redis.Redis, principal: Principal, name: str, replace: bool, field: str) -> None:
+def check_name_free(conn: redis.Redis, principal: Principal, name: str, replace: bool, field: str) -> str:
     """409 unless ``name`` may receive a new adapter: unused, or the caller's own and ``replace``.
 
     Adapter names are one namespace for every key: another key's name is taken, whatever ``replace``
-    says (an admin may replace any).
+    says (an admin may replace any). Returns what the name holds now ("" or the version replaced),
+    for the worker to check that nobody else took the name in the meantime.
     """
     if name in BUILTIN_ADAPTERS:
         raise ApiError(409, f"{name!r} is the name of a built-in adapter", field=field)
     raw = conn.hget(ADAPTERS_KEY, name)
     if raw is None:
-        return
-    if not principal.can_access(json.loads(raw).get("owner")):
+        return ""
+    record = json.loads(raw)
+    if not principal.can_access(record.get("owner")):
         raise ApiError(409, f"the adapter name {name!r} is taken; choose another name", field=field)
     if not replace:
         raise ApiError(409, f"adapter {name!r} already exists (send replace=true to replace it)", field=field)
+    return str(record.get("version", ""))
 
 
 def declared_length(request: Any) -> int | None:

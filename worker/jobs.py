@@ -292,7 +292,8 @@ def run_adapter_import(payload: dict[str, Any]) -> str:
         try:
             src = rt.storage.local_file(job.upload)
             adapter = register_file(rt, job.name, src, generator.pipe.transformer,
-                                    job.base_adapter, job.description, job.source, record.get("owner", ""))
+                                    job.base_adapter, job.description, job.source, record.get("owner", ""),
+                                    job.replaces)
             rt.records.finish(job.job_id, {"adapter": adapter}, {})
             return JobStatus.FINISHED
         except UraeError as exc:
@@ -313,13 +314,17 @@ def run_adapter_import(payload: dict[str, Any]) -> str:
 
 def register_file(
     rt: Runtime, name: str, src: Any, transformer: Any, base_adapter: str | None, description: str, source: str,
-    owner: str = "",
+    owner: str = "", replaces: str | None = None,
 ) -> dict[str, Any]:
     """Convert ``src`` into the served form under a new version of ``name`` and register it for
-    ``owner`` (the key that uploaded or trained it), charging its bytes to that key."""
+    ``owner`` (the key that uploaded or trained it), charging its bytes to that key.
+
+    ``replaces`` is what the name held when the job was accepted ("" or a version): when another
+    upload or fine-tune registered the name since (a fine-tune can run for hours), nothing changes
+    and the job fails, so no key ever overwrites another's adapter."""
     from urae.adapters import prepare_for_serving
     from urae.adapters.manager import uncovered_layers
-    from urae.errors import AdapterLoadError, HotswapRankError
+    from urae.errors import AdapterError, AdapterLoadError, HotswapRankError
 
     version = uuid.uuid4().hex[:12]
     key = adapter_object(name, version)
@@ -344,6 +349,14 @@ def register_file(
     finally:
         tmp.unlink(missing_ok=True)
     previous = get_adapter(rt.conn, name)
+    if replaces is not None and (previous.get("version", "") if previous else "") != replaces:
+        rt.storage.delete(key)
+        raise AdapterError(
+            f"adapter {name!r} was registered or replaced by another upload or fine-tune while this job ran; "
+            "nothing was changed (submit again to replace it)"
+        )
+    if previous is not None and replaces:
+        owner = previous.get("owner", owner)  # an admin replacing a key's adapter leaves it that key's
     adapter = {
         # rank: what the adapter was trained at; export_rank: the served plain LoRA's (2r + the base's
         # for a minor-component adapter).
@@ -409,7 +422,8 @@ def run_finetune(payload: dict[str, Any]) -> str:
             timings = {"train": round(time.monotonic() - started, 3)}
             # The trainer exports a plain LoRA on the original weights: validated here, no model needed.
             adapter = register_file(rt, job.adapter_name, result.adapter_path, None, None,
-                                    f"fine-tuned on dataset {job.dataset}", "finetune", record.get("owner", ""))
+                                    f"fine-tuned on dataset {job.dataset}", "finetune", record.get("owner", ""),
+                                    job.replaces)
             final_loss = None if result.final_loss != result.final_loss else float(result.final_loss)
             rt.records.finish(job.job_id, {"adapter": adapter, "steps": result.steps, "final_loss": final_loss},
                               timings)

@@ -170,7 +170,7 @@ def _accept_upload(
         raise ApiError(422, f"{name!r} is reserved (base_adapter={NO_BASE_ADAPTER} means no base adapter)", field="name")
     if base_adapter not in (None, NO_BASE_ADAPTER):
         check_adapters_exist(conn, [base_adapter], principal, field="base_adapter")
-    check_name_free(conn, principal, name, replace, "name")
+    replaces = check_name_free(conn, principal, name, replace, "name")
     check_queue_depth(conn, ADAPTER_IMPORT_QUEUE, settings)
     check_queued_per_key(records, principal, settings)
     left = check_storage_quota(conn, principal, settings, declared_length(request), "file")
@@ -189,7 +189,7 @@ def _accept_upload(
         raise ApiError(413 if too_large else 422, str(exc), field="file") from None
 
     payload = AdapterImportPayload(
-        job_id=job_id, name=name, upload=key, description=description, base_adapter=base_adapter
+        job_id=job_id, name=name, upload=key, description=description, base_adapter=base_adapter, replaces=replaces
     )
     records.create_and_enqueue(
         job_id, JobKind.ADAPTER_IMPORT, ADAPTER_IMPORT_QUEUE, payload.model_dump(), priority="high",

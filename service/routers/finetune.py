@@ -74,7 +74,7 @@ def submit_finetune(
     """
     if adapter_name in BUILTIN_ADAPTERS:
         raise ApiError(409, f"{adapter_name!r} is the name of a built-in adapter", field="adapter_name")
-    check_name_free(conn, principal, adapter_name, replace, "adapter_name")
+    replaces = check_name_free(conn, principal, adapter_name, replace, "adapter_name")
     try:
         parsed = FinetuneRecipe.model_validate(json.loads(recipe))
     except json.JSONDecodeError:
@@ -129,7 +129,8 @@ def submit_finetune(
         raise ApiError(422, "give a dataset archive or the name of a dataset on the server", field="dataset")
 
     payload = FinetunePayload(
-        job_id=job_id, adapter_name=adapter_name, dataset=name, recipe=parsed.model_dump(exclude_none=True)
+        job_id=job_id, adapter_name=adapter_name, dataset=name, recipe=parsed.model_dump(exclude_none=True),
+        replaces=replaces,
     )
     record = records.create_and_enqueue(
         job_id, JobKind.FINETUNE, FINETUNE_QUEUE, payload.model_dump(), owner=principal.key_id,

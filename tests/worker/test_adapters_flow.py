@@ -219,3 +219,37 @@ def test_a_failing_jobs_error_names_no_server_path(
     assert job["error"] and service_env["URAE_STORAGE_DIR"] not in job["error"]
     assert "/adapters/" not in job["error"] and str(stored) not in job["error"]
     assert "too short to hold a safetensors header" in job["error"]
+
+
+def test_a_name_taken_while_an_import_waited_is_not_overwritten(
+    http: Any, worker: Any, adapter_files: dict[str, Path], settings: Any, redis_url: str
+) -> None:
+    import redis
+
+    from jobstore.adapters import get_adapter, register_adapter
+    from jobstore.contract import ADAPTER_IMPORT_QUEUE, AdapterImportPayload, JobKind, upload_object
+    from jobstore.jobs import JobRecords, new_job_id
+    from jobstore.settings import hash_api_key
+    from service.auth import key_id_of
+    from tests.conftest import API_KEY
+
+    conn = redis.Redis.from_url(redis_url)
+    storage = Path(settings.storage_dir)
+    # Accepted while the name was free (replaces=""), but another key registered it before the
+    # worker got to the job (as a long fine-tune or a slow import would allow).
+    job_id = new_job_id()
+    upload_key = upload_object(job_id, ".safetensors")
+    (storage / upload_key).parent.mkdir(parents=True, exist_ok=True)
+    (storage / upload_key).write_bytes(adapter_files["a"].read_bytes())
+    theirs = {"name": "contested", "version": "theirs1", "object": "adapters/contested/theirs1.safetensors",
+              "rank": 4, "size_bytes": 1, "source": "upload", "owner": "someone-else"}
+    register_adapter(conn, theirs)
+    payload = AdapterImportPayload(job_id=job_id, name="contested", upload=upload_key, replaces="")
+    JobRecords(conn).create_and_enqueue(job_id, JobKind.ADAPTER_IMPORT, ADAPTER_IMPORT_QUEUE, payload.model_dump(),
+                                        owner=key_id_of(hash_api_key(API_KEY)))
+    job = wait_for_status(http, job_id)
+    assert job["status"] == "failed"
+    assert "adapter 'contested' was registered or replaced by another upload" in job["error"]
+    assert get_adapter(conn, "contested") == theirs
+    assert list(storage.glob("adapters/contested/*")) == []  # the converted file was not kept
+    assert not (storage / upload_key).exists()

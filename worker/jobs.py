@@ -227,8 +227,10 @@ def _write_and_finish(
             summary = {"images": images, "seed": job.seed, "preset": spec.preset, "width": spec.width,
                        "height": spec.height, "steps": spec.steps, "adapters": result.metadata[0]["adapters"],
                        "tier": spec.tier, "attention_backend": result.metadata[0].get("attention_backend")}
+            # Charged before the job is reported finished (a client that sees it finished sees the bytes
+            # counted); retention gives them back with the images.
+            charge_job_images(rt.conn, job.job_id, record.get("owner", ""), written_bytes)
             if rt.records.finish(job.job_id, summary, timings):
-                charge_job_images(rt.conn, job.job_id, record.get("owner", ""), written_bytes)
                 for stage in ("text_encode", "denoise", "decode", "write"):
                     if stage in timings:
                         observe_stage(rt.conn, stage, timings[stage])

@@ -253,3 +253,28 @@ def test_a_name_taken_while_an_import_waited_is_not_overwritten(
     assert get_adapter(conn, "contested") == theirs
     assert list(storage.glob("adapters/contested/*")) == []  # the converted file was not kept
     assert not (storage / upload_key).exists()
+
+
+def test_a_jobs_images_count_against_its_keys_storage_until_retention_deletes_them(
+    http: Any, worker: Any, settings: Any, redis_url: str
+) -> None:
+    import redis
+
+    from jobstore.contract import job_key
+    from jobstore.retention import sweep_expired_outputs
+    from jobstore.settings import hash_api_key
+    from jobstore.storage import LocalStorage
+    from jobstore.usage import usage
+    from service.auth import key_id_of
+    from tests.conftest import API_KEY
+
+    conn = redis.Redis.from_url(redis_url)
+    key_id = key_id_of(hash_api_key(API_KEY))
+    before = usage(conn, key_id)
+    job = wait_for_status(http, http.post("/generate", json={**SMALL, "num_images": 2}).json()["id"])
+    assert job["status"] == "finished", job["error"]
+    stored = sum(p.stat().st_size for p in (Path(settings.storage_dir) / "jobs" / job["id"]).iterdir())
+    assert stored > 0 and usage(conn, key_id) == before + stored
+    conn.delete(job_key(job["id"]))  # the record expired
+    assert job["id"] in sweep_expired_outputs(conn, LocalStorage(settings.storage_dir), 0)
+    assert usage(conn, key_id) == before

@@ -183,9 +183,13 @@ def test_finetune_on_one_host_and_use_the_adapter_on_another(stack: Stack) -> No
         assert stack.local_files("train-host", "img0.png")  # the trainer's cached copy of the dataset
 
 
+# Object-store-only behaviour: these run on the S3 stack alone (the local backend always streams, has
+# no store to stop, and its hosts share a folder).
+S3_ONLY = pytest.mark.parametrize("stack", ["s3"], indirect=True)
+
+
+@S3_ONLY
 def test_presigned_downloads_redirect_to_the_object_store(stack: Stack) -> None:
-    if stack.backend != "s3":
-        pytest.skip("presigned links are an object-store feature; the local backend always streams")
     env = {**stack.host_env("api-presigned"), "URAE_S3_PRESIGNED_DOWNLOADS": "true", "URAE_S3_PRESIGNED_TTL_S": "60"}
     api = ApiServer(env, stack.root / "logs" / "api-presigned.log")
     try:
@@ -201,11 +205,10 @@ def test_presigned_downloads_redirect_to_the_object_store(stack: Stack) -> None:
         api.stop()
 
 
+@S3_ONLY
 def test_the_store_going_down_gives_clear_errors_and_recovers_without_restarts(
     stack: Stack, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if stack.backend != "s3":
-        pytest.skip("stopping the object store applies to the S3 stack")
     s3: SeaweedServer = request.getfixturevalue("s3_server")
     from urae.adapters import save_lora
     from urae.adapters.builtin import tiny_lora_layers
@@ -249,9 +252,8 @@ def test_the_store_going_down_gives_clear_errors_and_recovers_without_restarts(
     assert upload.status_code == 201, upload.text
 
 
+@S3_ONLY
 def test_two_hosts_share_the_work_and_a_killed_hosts_job_ends(stack: Stack) -> None:
-    if stack.backend != "s3":
-        pytest.skip("hosts that share nothing but Redis need the object store")
     from jobstore.jobs import JobRecords
     from jobstore.queues import connect
 

@@ -388,10 +388,10 @@ def run_finetune(payload: dict[str, Any]) -> str:
     with _running(rt, job.job_id) as record:
         if record is None:
             return "skipped"
-        # Checkpoints stay on this host: a job put back after a shutdown resumes where its files are.
         work = rt.settings.local_cache_dir / finetune_work_prefix(job.job_id)
         keep_work = False
         try:
+            _restore_checkpoints(rt, job.job_id, work)
             overrides = dict(job.recipe)
             recipe_name = overrides.pop("recipe", None)
             data = {**(_shipped_recipe(str(recipe_name)) if recipe_name else {}), **overrides}
@@ -433,6 +433,7 @@ def run_finetune(payload: dict[str, Any]) -> str:
         except TrainingCanceled as exc:
             if rt.shutdown_overdue():
                 keep_work = True
+                _store_checkpoints(rt, job.job_id, work)
                 rt.records.requeue(job.job_id, "the worker shut down; training resumes from its checkpoint later")
                 return JobStatus.QUEUED
             rt.records.cancel_done(job.job_id, f"canceled by request ({exc})")
@@ -448,6 +449,31 @@ def run_finetune(payload: dict[str, Any]) -> str:
         finally:
             if not keep_work:
                 shutil.rmtree(work, ignore_errors=True)
+                _discard(rt, finetune_work_prefix(job.job_id))
+
+
+def _store_checkpoints(rt: Runtime, job_id: str, work: Any) -> None:
+    """Store a training job's checkpoints, so that the worker that takes it next, on any host, resumes
+    from the last one. Without the store the job still goes back (it then starts over elsewhere)."""
+    from urae.train.checkpoints import checkpoint_root
+
+    prefix = finetune_work_prefix(job_id)
+    try:
+        rt.storage.delete(prefix)
+        if checkpoint_root(work).is_dir():
+            rt.storage.put_tree(prefix, checkpoint_root(work))
+    except (OSError, ValueError) as exc:  # the store down, a damaged checkpoint folder
+        log.warning("job %s: checkpoints not stored (%s); it restarts from step 0 on another host", job_id, exc)
+
+
+def _restore_checkpoints(rt: Runtime, job_id: str, work: Any) -> None:
+    """This host's copy of the checkpoints a shut-down worker stored for the job, if any."""
+    from urae.train.checkpoints import checkpoint_root
+
+    prefix = finetune_work_prefix(job_id)
+    if checkpoint_root(work).is_dir() or not rt.storage.tree_exists(prefix):
+        return
+    shutil.copytree(rt.storage.local_tree(prefix), checkpoint_root(work))
 
 
 def _local_dataset(rt: Runtime, name: str) -> Any:

@@ -288,3 +288,33 @@ def test_two_hosts_share_the_work_and_a_killed_hosts_job_ends(stack: Stack) -> N
         job = wait_for_status(stack.http, long_job, ("finished", "failed"), timeout_s=120)
     else:
         assert "gen-host-b stopped responding" in job["error"]
+
+
+@S3_ONLY
+@pytest.mark.slow
+def test_a_training_put_back_by_a_shutdown_resumes_on_another_host(stack: Stack) -> None:
+    """SIGTERM during a fine-tune: past the grace the job goes back with its checkpoints in the store,
+    and a trainer on another host continues from the last one instead of step 0."""
+    response = stack.http.post(
+        "/finetune", files={"dataset": ("r.zip", dataset_zip(), "application/zip")},
+        data={"adapter_name": "resumed", "dataset_name": "resume-set",
+              "recipe": json.dumps({**RECIPE, "steps": 300, "checkpoint_every": 10})})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        progress = stack.http.get(f"/jobs/{job_id}").json()["progress"]
+        if progress and progress["stage"] == "train" and progress["step"] >= 25:
+            break
+        time.sleep(0.05)
+    stack.workers["train-host"].stop(timeout_s=60)  # SIGTERM; the grace in these tests is 2 s
+    assert stack.http.get(f"/jobs/{job_id}").json()["status"] == "queued"
+    stack.start_worker("train-host-b", "--queues", "finetune")
+    job = wait_for_status(stack.http, job_id, timeout_s=240)
+    assert job["status"] == "finished", job["error"]
+    events = [json.loads(line[len("data: "):]) for line in stack.http.get(f"/jobs/{job_id}/events").text.splitlines()
+              if line.startswith("data: ")]
+    requeued = max(i for i, e in enumerate(events) if e.get("status") == "queued")
+    after = [e for e in events[requeued:] if e.get("stage") == "train" and e.get("step")]
+    assert after and after[0]["step"] > 10, after[:3]  # continued from a checkpoint (every 10 steps)
+    assert job["result"]["steps"] == 300

@@ -10,6 +10,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -32,6 +33,17 @@ class ApiError(Exception):
         self.detail = detail
         self.field = field
         self.headers = headers or {}
+
+
+def field_path(loc: Iterable[str | int]) -> str:
+    """The one way error answers name an input: ``adapters[0].name``, ``recipe.targets[1]``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
 
 
 def check_adapters_exist(
@@ -173,7 +185,7 @@ def check_capability(
     if width * height > largest:
         raise ApiError(
             422,
-            f"{width}x{height} is {width * height:,} pixels, more than any live worker generates "
+            f"{width}x{height} is {width * height:,} pixels, larger than any live worker can generate "
             f"(the largest takes {largest:,} pixels, see URAE_WORKER_MAX_PIXELS)",
             field="width",
         )

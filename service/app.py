@@ -26,7 +26,7 @@ from jobstore.queues import connect
 from jobstore.retention import sweep_expired_outputs
 from jobstore.settings import Settings, get_settings
 from jobstore.storage import Storage, StorageKeyError, StorageUnavailable, open_storage
-from service.admission import ApiError, WorkerDirectory
+from service.admission import ApiError, WorkerDirectory, field_path
 from service.auth import AuthMiddleware
 from service.limits import BodyLimitMiddleware, BodyLimits, bounded_httptools_protocol
 from service.routers import adapters, datasets, finetune, generate, health, jobs, playground
@@ -151,8 +151,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first["loc"] if p not in ("body",)]
-        field = ".".join(loc) or None
+        loc = list(first["loc"])
+        if first.get("type") == "json_invalid":
+            # pydantic puts the byte offset where a field name goes: the field is the body itself.
+            offset = next((p for p in loc if isinstance(p, int)), None)
+            cause = (first.get("ctx") or {}).get("error", "JSON decode error")
+            where = f" at byte {offset}" if offset is not None else ""
+            return JSONResponse({"detail": f"body: not valid JSON{where}: {cause}", "field": "body",
+                                 "errors": _plain(errors)}, 422)
+        # The request part ("body", "query", "path", "header") is not part of the field's name.
+        field = field_path(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc) or None
         reason = str(first["msg"]).removeprefix("Value error, ")
         detail = f"{field}: {reason}" if field else reason
         return JSONResponse({"detail": detail, "field": field, "errors": _plain(errors)}, 422)

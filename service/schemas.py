@@ -25,6 +25,7 @@ from jobstore.contract import (
     Priority,
     Tier,
     WebhookEvent,
+    pixel_limit_error,
     preset_for_pixels,
     preset_size,
 )
@@ -102,7 +103,7 @@ class GenerateRequest(BaseModel):
         if (self.width is None) != (self.height is None):
             raise ValueError("width and height go together: give both or neither")
         if self.width is not None and self.height is not None and self.width * self.height > MAX_PIXELS:
-            raise ValueError(f"{self.width}x{self.height} exceeds the maximum of {MAX_PIXELS} pixels (4096x4096)")
+            raise ValueError(pixel_limit_error(self.width, self.height))
         return self
 
     def size(self) -> tuple[int, int]:

@@ -8,12 +8,20 @@ from typing import Any
 
 from urae.errors import InvalidSpecError
 
-# Documented bounds. A 4096 x 4096 image is 16.8 M pixels; other aspect ratios at the 4K pixel budget
-# stay within MAX_PIXELS (plus rounding to multiples of 16) and may have a longer side up to MAX_SIDE.
+# Documented bounds. The pixel limit is 4096 x 4160 = 17,039,360: 4096 x 4096 plus 64 rows, because
+# the 4K preset's other aspect ratios, rounded to multiples of 16, go slightly above 4096^2 (4:3 is
+# 4736 x 3552 = 16,822,272). Any width x height up to that product is accepted; a side may reach MAX_SIDE.
 SIZE_MULTIPLE = 16
 MIN_SIDE = 64
 MAX_SIDE = 8192
-MAX_PIXELS = 4096 * 4096 + 4096 * 64
+MAX_PIXELS = 4096 * 4160
+# How every message and document states the limit.
+PIXEL_LIMIT_TEXT = f"{MAX_PIXELS:,} pixels (width x height; 4096x4160 is the largest with a 4096 side)"
+
+
+def pixel_limit_error(width: int, height: int) -> str:
+    """The message for a size above MAX_PIXELS, the same in the library, the API and the docs."""
+    return f"{width}x{height} is {width * height:,} pixels; the maximum is {PIXEL_LIMIT_TEXT}"
 MAX_STEPS = 100
 MAX_GUIDANCE = 30.0
 MAX_PROMPT_CHARS = 2000
@@ -84,7 +92,7 @@ class GenerationSpec:
                 raise InvalidSpecError(name, f"{value} is outside {MIN_SIDE}..{MAX_SIDE}")
         if self.width * self.height > MAX_PIXELS:
             raise InvalidSpecError(
-                "width", f"{self.width}x{self.height} exceeds the maximum of {MAX_PIXELS} pixels (4096x4096)"
+                "width", pixel_limit_error(self.width, self.height)
             )
         _check_int("steps", self.steps, 1, MAX_STEPS)
         _check_int("num_images", self.num_images, 1, MAX_IMAGES)

@@ -31,6 +31,7 @@ from service.admission import (
     check_queued_per_key,
     check_storage_quota,
     declared_length,
+    field_path,
     quota_error,
 )
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDep
@@ -81,7 +82,7 @@ def submit_finetune(
         raise ApiError(422, "recipe must be a JSON object", field="recipe") from None
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "recipe"
+        field = field_path(first["loc"]) or "recipe"
         reason = "is not a training parameter the API accepts" if first["type"] == "extra_forbidden" else first["msg"]
         raise ApiError(422, f"recipe.{field}: {reason}", field=f"recipe.{field}") from None
     if parsed.base_adapter is not None:

@@ -11,10 +11,14 @@ from jobstore import contract
 
 @pytest.mark.parametrize(
     "name", ["SIZE_MULTIPLE", "MIN_SIDE", "MAX_SIDE", "MAX_PIXELS", "MAX_STEPS", "MAX_GUIDANCE", "MAX_PROMPT_CHARS",
-             "MAX_IMAGES", "MAX_SEED", "TIERS"],
+             "MAX_IMAGES", "MAX_SEED", "TIERS", "PIXEL_LIMIT_TEXT"],
 )
 def test_bounds_equal_the_library(name: str) -> None:
     assert getattr(contract, name) == getattr(spec, name)
+
+
+def test_the_pixel_limit_message_equals_the_library() -> None:
+    assert contract.pixel_limit_error(8192, 8192) == spec.pixel_limit_error(8192, 8192)
 
 
 def test_aspect_ratios_and_preset_sizes_equal_the_library() -> None:

@@ -177,7 +177,7 @@ def test_hostile_names_in_bodies_get_4xx_naming_the_field(http: Any, name: str, 
         "name": http.post("/adapters", files={"file": ("a.safetensors", tiny_safetensors())}, data={"name": name}),
         "adapter_name": http.post("/finetune", data={"adapter_name": name, "dataset_name": "pets"}),
         "dataset_name": http.post("/finetune", data={"adapter_name": "fine", "dataset_name": name}),
-        "adapters.0.name": http.post("/generate", json={**SMALL, "adapters": [{"name": name}]}),
+        "adapters[0].name": http.post("/generate", json={**SMALL, "adapters": [{"name": name}]}),
     }
     for field, response in answers.items():
         assert response.status_code == 422, (field, response.text)

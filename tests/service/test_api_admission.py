@@ -47,9 +47,11 @@ def test_every_route_but_health_needs_a_valid_key(client: Any, header: str | Non
         ({"prompt": "x" * 2001}, "prompt"),
         ({"prompt": "   "}, "prompt"),
         ({"width": None}, None),
-        ({"adapters": [{"name": "../etc/passwd"}]}, "adapters.0.name"),
+        ({"adapters": [{"name": "../etc/passwd"}]}, "adapters[0].name"),
         ({"adapters": [{"name": "does-not-exist"}]}, "adapters[0].name"),
-        ({"adapters": [{"name": "urae-2k", "weight": 9}]}, "adapters.0.weight"),
+        ({"adapters": [{"name": "urae-2k", "weight": 9}]}, "adapters[0].weight"),
+        ({"adapters": [{"name": "urae-2k"}, {"name": "x", "weight": "heavy"}]}, "adapters[1].weight"),
+        ({"webhook_events": ["started", "never"]}, "webhook_events[1]"),
         ({"output_format": "gif"}, "output_format"),
         ({"priority": "urgent"}, "priority"),
         ({"preset": "8k"}, "preset"),
@@ -70,6 +72,27 @@ def test_bad_requests_get_422_naming_the_field_and_queue_nothing(
         assert answer["field"] == field
     conn = redis.Redis.from_url(redis_url)
     assert conn.llen("rq:queue:" + generate_queue("normal")) == 0
+
+
+def test_a_json_syntax_error_names_the_body_and_the_position(client: Any) -> None:
+    response = client.post("/generate", content=b'{"prompt": "a fox",}', headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    answer = response.json()
+    assert answer["field"] == "body"
+    assert answer["detail"].startswith("body: not valid JSON at byte 19")
+
+
+def test_the_pixel_limit_message_predicts_acceptance(client: Any) -> None:
+    """The stated maximum is the product the API enforces: 4096x4160 passes validation, 4096x4176 not."""
+    for width, height in ((8192, 8192), (4096, 4176)):
+        refused = client.post("/generate", json={"prompt": "a castle", "width": width, "height": height})
+        assert refused.status_code == 422
+        detail = refused.json()["detail"]
+        assert f"{width}x{height} is {width * height:,} pixels" in detail
+        assert "the maximum is 17,039,360 pixels" in detail and "4096x4160" in detail
+    accepted = client.post("/generate", json={"prompt": "a castle", "width": 4096, "height": 4160})
+    assert accepted.status_code == 202, accepted.text
+    client.delete(f"/jobs/{accepted.json()['id']}")
 
 
 def test_accepted_job_is_queued_with_position_and_links(client: Any) -> None:

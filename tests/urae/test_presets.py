@@ -158,3 +158,20 @@ def test_each_preset_runs_the_reference_schedule(name, tiny_generator, schnell_g
         assert walked == pytest.approx([1.0, 0.75, 0.5, 0.25], abs=1e-6)
     elif name != "1k":
         assert walked[-1] < 0.15  # the dev schedule at 2K/4K reaches low noise
+
+
+def test_the_pixel_limit_is_the_product_the_message_states():
+    """A user predicts acceptance from the message: width x height <= the stated number, no more."""
+    import dataclasses
+
+    base = resolve_spec("a cat", "1k")
+    assert MAX_PIXELS == 4096 * 4160 == 17_039_360
+    dataclasses.replace(base, width=4096, height=4160).validate()  # exactly the limit
+    with pytest.raises(InvalidSpecError) as err:
+        dataclasses.replace(base, width=4096, height=4176).validate()
+    message = str(err.value)
+    assert "4096x4176 is 17,104,896 pixels" in message and "17,039,360 pixels" in message
+    assert "4096x4160" in message
+    with pytest.raises(InvalidSpecError) as big:
+        dataclasses.replace(base, width=8192, height=8192).validate()
+    assert "8192x8192 is 67,108,864 pixels; the maximum is 17,039,360 pixels" in str(big.value)

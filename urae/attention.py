@@ -92,8 +92,10 @@ class ProportionalAttnProcessor(FluxAttnProcessor):
             query = query * self.logit_ratio.to(query.dtype)
         elif self.mode == "length":
             # Single-stream blocks receive text + image already concatenated; double-stream blocks
-            # were concatenated above. Either way dim 1 is the joint length N.
-            scale = proportional_scale(query.shape[1], attn.head_dim, self.base)
+            # were concatenated above. Either way dim 1 is the joint length N, or under context
+            # parallelism this rank's equal share of it.
+            num_tokens = query.shape[1] * context_parallel_shards(self._parallel_config)
+            scale = proportional_scale(num_tokens, attn.head_dim, self.base)
         hidden_states = dispatch_attention_fn(
             query,
             key,
@@ -115,6 +117,12 @@ class ProportionalAttnProcessor(FluxAttnProcessor):
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+def context_parallel_shards(parallel_config: object | None) -> int:
+    """How many equal parts of the sequence the ranks hold (1 without context parallelism)."""
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    return 1 if cp is None else int(cp.ring_degree) * int(cp.ulysses_degree)
 
 
 def set_ntk_factor(transformer: FluxTransformer2DModel, factor: float) -> None:

@@ -1,0 +1,156 @@
+"""Context parallelism on the CPU: 2 real processes (gloo), diffusers' Ulysses attention, tiny model."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from urae.attention import ProportionalAttnProcessor, proportional_scale, set_proportional_attention
+from urae.errors import GenerationCanceled, InvalidSpecError, ModelLoadError
+from urae.generate import Generator, Progress
+from urae.parallel import GeneratorLoader, ParallelGenerator, check_shardable, enable_context_parallel
+from urae.spec import GenerationSpec
+
+# 128x96: 48 image tokens + 64 text tokens = 112 joint tokens; each of the 2 ranks holds 56. The
+# proportional scale of 112 tokens is not that of 56, so a rank that used its own length would differ.
+SPEC = dict(prompt="a lighthouse at dusk", width=128, height=96, steps=3, seed=7, max_sequence_length=64,
+            ntk_factor=10.0, proportional_attention=True, shift=3.0)
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[ParallelGenerator]:
+    loader = GeneratorLoader("tiny", {"dtype": "float32", "tiers": ["quality"]}, torch_threads=1)
+    threads = torch.get_num_threads()
+    generator = ParallelGenerator.start(loader, world=2, device="cpu", mode="ulysses")
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
+    yield generator
+    generator.close()
+    torch.set_num_threads(threads)
+    assert all(not p.is_alive() for p in generator._processes)
+
+
+def transformer_output(generator: Generator, num_tokens: int | None) -> torch.Tensor:
+    """One transformer call on fixed inputs (48 image + 64 text tokens) with proportional attention:
+    scale from ``num_tokens`` (the generation path), or from each call's length when None."""
+    transformer = generator.pipe.transformer
+    config = transformer.config
+    inputs = torch.Generator().manual_seed(0)
+    set_proportional_attention(transformer, True, num_tokens)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, 48, config.in_channels, generator=inputs),
+            encoder_hidden_states=torch.randn(1, 64, config.joint_attention_dim, generator=inputs),
+            pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=inputs),
+            timestep=torch.tensor([0.6]),
+            img_ids=generator.pipe._prepare_latent_image_ids(1, 6, 8, "cpu", torch.float32),
+            txt_ids=torch.zeros(64, 3),
+            guidance=torch.tensor([3.5]) if config.guidance_embeds else None,
+            return_dict=False,
+        )[0]
+
+
+def pixels(generator: Generator | ParallelGenerator, spec: GenerationSpec, **kwargs: object) -> np.ndarray:
+    return np.asarray(generator.generate(spec, **kwargs).images[0]).astype(np.int16)
+
+
+def test_two_ranks_give_the_single_process_image(group: ParallelGenerator, tiny_generator: Generator) -> None:
+    spec = GenerationSpec(**SPEC)
+    events: list[Progress] = []
+    split = pixels(group, spec, on_progress=events.append)
+    whole = pixels(tiny_generator, GenerationSpec(**SPEC))
+    # Other kernels (a sharded attention) round differently: 1 level of 255 at most.
+    assert np.abs(split - whole).max() <= 1
+    # The tiny model's pixels hardly react to the attention scale (on vs off: 3 levels at most), so
+    # the global length is checked on the transformer's float output below.
+    # Progress from rank 0 only: each denoising step once.
+    steps = [e.step for e in events if e.stage == "denoise"]
+    assert steps == [0, 1, 2, 3]
+    assert group.capabilities()["context_parallel"] == 2
+
+
+def test_proportional_attention_uses_the_global_length(group: ParallelGenerator, tiny_generator: Generator) -> None:
+    whole = transformer_output(tiny_generator, 112)
+    local = transformer_output(tiny_generator, 56)  # what a rank holding half the tokens would use
+    assert (whole - local).abs().max() > 1e-3  # 100 x the tolerance below
+    for num_tokens in (112, None):  # the generation path, and the per-call length mode
+        split = group.run_on_all_ranks(transformer_output, num_tokens)
+        torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_cancel_stops_every_rank_at_the_same_step(group: ParallelGenerator) -> None:
+    spec = GenerationSpec(**{**SPEC, "steps": 50})
+    seen: list[int] = []
+
+    def on_progress(p: Progress) -> None:
+        if p.stage == "denoise":
+            seen.append(p.step)
+
+    with pytest.raises(GenerationCanceled):
+        group.generate(spec, on_progress=on_progress, should_cancel=lambda: len(seen) > 2)
+    assert max(seen) == 2  # stopped at the step boundary where it was asked, not at the end
+    # Every rank left that job at the same point: the next one runs in step and matches a fresh run.
+    again = pixels(group, GenerationSpec(**{**SPEC, "steps": 2}))
+    assert again.shape == (96, 128, 3) and group.broken is None
+
+
+def test_refusals_leave_the_group_serving(group: ParallelGenerator) -> None:
+    # 112x80 has 7 x 5 = 35 image tokens: no equal halves.
+    with pytest.raises(InvalidSpecError) as info:
+        group.generate(GenerationSpec(**{**SPEC, "width": 112, "height": 80}))
+    assert info.value.field == "width"
+    with pytest.raises(InvalidSpecError):
+        group.generate(GenerationSpec(**{**SPEC, "tier": "turbo"}))
+    assert group.capabilities()["tiers"] == ["quality"]
+    assert pixels(group, GenerationSpec(**{**SPEC, "steps": 1})).shape == (96, 128, 3)
+
+
+def test_generate_runs_one_job_at_a_time(group: ParallelGenerator) -> None:
+    # Two callers at once must not interleave their commands on the ranks.
+    results: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda: results.append(pixels(group, GenerationSpec(**{**SPEC, "steps": 1}))))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == 2 and np.abs(results[0] - results[1]).max() <= 1
+
+
+def test_length_mode_uses_the_global_length_on_a_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    import urae.attention as attention
+
+    scales: list[float] = []
+    real = attention.dispatch_attention_fn
+
+    def spy(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        scales.append(kwargs["scale"])  # type: ignore[arg-type]
+        return real(query, key, value, scale=kwargs["scale"])  # type: ignore[arg-type]
+
+    monkeypatch.setattr(attention, "dispatch_attention_fn", spy)
+    processor = ProportionalAttnProcessor(mode="length")
+    attn = FluxAttention(query_dim=32, heads=2, dim_head=16, pre_only=True)
+    hidden = torch.randn(1, 300, 32)  # one rank's quarter of 1200 tokens
+    processor(attn, hidden)
+    processor._parallel_config = SimpleNamespace(
+        context_parallel_config=SimpleNamespace(ring_degree=1, ulysses_degree=4)
+    )
+    processor(attn, hidden)
+    assert scales == [pytest.approx(proportional_scale(300, 16)), pytest.approx(proportional_scale(1200, 16))]
+
+
+def test_shard_and_group_checks() -> None:
+    check_shardable(GenerationSpec(prompt="x", width=4096, height=4096, max_sequence_length=512), 8)
+    with pytest.raises(InvalidSpecError) as info:
+        check_shardable(GenerationSpec(prompt="x", width=1024, height=1024, max_sequence_length=512), 3)
+    assert info.value.field == "max_sequence_length"
+    with pytest.raises(ModelLoadError, match="heads"):
+        enable_context_parallel(SimpleNamespace(config=SimpleNamespace(num_attention_heads=24)), 5, "ulysses")
+    with pytest.raises(ModelLoadError, match="at least 2"):
+        ParallelGenerator.start(GeneratorLoader("tiny", {}), world=1, device="cpu")

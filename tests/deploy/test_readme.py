@@ -32,7 +32,9 @@ EXERCISED = {
     "cp .env.example .env": "no Docker engine here: tests/deploy/test_compose.py checks what compose reads",
     "docker compose up -d --build": "no Docker engine here: tests/deploy/test_compose.py",
     "python3 -m venv .venv && . .venv/bin/activate": "ci",
-    "pip install torch==2.13.0": "ci",
+    # CI has no internet: .ci/run installs the same pinned CPU build from the machine's local disk
+    # (checked below); the index URL is PyTorch's CPU wheel index.
+    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu": "ci: the same pin from local disk",
     'pip install -e ".[dev,train]"': "ci",
     # 2048 px on a CPU: ~15 s alone, much longer on busy cores, so a slow test (python -m pytest -m slow).
     'urae generate "a lighthouse on a cliff at dusk" --model tiny --preset 2k --steps 4 -o lighthouse.png': "test",
@@ -79,6 +81,8 @@ def test_every_readme_command_is_run_by_a_test_or_by_ci() -> None:
         if where == "ci":
             for part in command.split(" && "):
                 assert part in ci_lines, f"{part!r} is not in .ci/run"
+        elif where.startswith("ci: the same pin"):
+            assert command.split(" --index-url ")[0] in ci_lines, f"{command!r}: .ci/run installs another torch"
     # The console script the quickstart names is the local stack that test_local_stack runs.
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["urae-serve"] == "launcher.local_stack:main"

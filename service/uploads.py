@@ -27,6 +27,8 @@ from typing import IO, BinaryIO
 
 from PIL import Image
 
+from jobstore.file_modes import apply_umask
+
 # The dtypes an adapter is served in, with their sizes in bytes.
 SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}
 # A rank-48 LoRA on every linear layer of FLUX.1's 57 blocks (988 tensors) has a 135 KB header; 8 MiB
@@ -439,6 +441,7 @@ def spooled_upload(src: IO[bytes], directory: Path, limit: int, what: str, suffi
     directory.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
     path = Path(name)
+    apply_umask(path)  # it may be renamed into storage as it is
     try:
         with os.fdopen(fd, "wb") as out:
             copy_bounded(src, out, limit, what)

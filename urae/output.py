@@ -11,6 +11,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from urae.errors import InvalidSpecError, OutputWriteError
+from urae.file_modes import apply_umask
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
@@ -53,6 +54,7 @@ def save_image(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        apply_umask(tmp_name)
         with os.fdopen(fd, "wb") as handle:
             image.convert("RGB").save(handle, format=FORMATS[key], **kwargs)
             handle.flush()

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from jobstore.file_modes import apply_umask
 from jobstore.storage.base import (
     HIDDEN_PREFIX,
     STREAM_CHUNK_BYTES,
@@ -45,6 +46,7 @@ class LocalStorage(Storage):
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=final.parent, prefix=_TEMP_PREFIX, suffix=final.suffix)
         os.close(fd)
+        apply_umask(name)
         return Path(name)
 
     def staging_dir(self) -> Path:

@@ -29,6 +29,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from jobstore.file_modes import apply_umask
 from jobstore.storage.base import (
     HIDDEN_PREFIX,
     STREAM_CHUNK_BYTES,
@@ -220,6 +221,7 @@ class S3Storage(Storage):
         suffix = Path(check_key(key)).suffix
         fd, name = tempfile.mkstemp(dir=self.staging_dir(), prefix=".tmp-", suffix=suffix)
         os.close(fd)
+        apply_umask(name)
         return Path(name)
 
     def local_file(self, key: str) -> Path:
@@ -241,6 +243,7 @@ class S3Storage(Storage):
         """Download to a temporary file next to ``dest``, check the hash, rename into place."""
         fd, name = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=dest.suffix)
         os.close(fd)
+        apply_umask(name)
         tmp = Path(name)
         try:
             with self._errors(key):

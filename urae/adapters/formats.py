@@ -44,6 +44,7 @@ from urae.errors import (
     TruncatedAdapterError,
     UnknownKeysError,
 )
+from urae.file_modes import apply_umask
 
 # A rank-48 LoRA on every linear layer of FLUX.1's 57 blocks (988 tensors) has a 135 KB header; 8 MiB
 # leaves room for training metadata. A longer header is refused before it is read (the API uses the same).
@@ -551,6 +552,7 @@ def write_atomically(path: Path, write: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    apply_umask(tmp)
     try:
         write(tmp)
         os.replace(tmp, path)

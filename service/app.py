@@ -29,7 +29,7 @@ from jobstore.storage import Storage, StorageKeyError, StorageUnavailable, open_
 from service.admission import ApiError, WorkerDirectory, field_path
 from service.auth import AuthMiddleware
 from service.limits import BodyLimitMiddleware, BodyLimits, bounded_httptools_protocol
-from service.routers import adapters, datasets, finetune, generate, health, jobs, playground
+from service.routers import adapters, config, datasets, finetune, generate, health, jobs, playground
 from service.uploads import DISK_FULL_ERRNOS
 
 log = logging.getLogger("urae.service")
@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="urae-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     for router in (generate.router, jobs.router, adapters.router, finetune.router, datasets.router, health.router,
-                   playground.router):
+                   config.router, playground.router):
         app.include_router(router)
     # Outermost of the application's own layers: a request without a valid key never reaches the
     # router, so its body is never read.

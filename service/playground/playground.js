@@ -8,6 +8,11 @@ const JOBS_STORAGE = "urae.recentJobs";
 const MAX_REMEMBERED_JOBS = 24;
 const TERMINAL = new Set(["finished", "failed", "canceled"]);
 
+const KEY_NEEDED = "This server needs an API key: urae-serve prints it (and a link that carries it) " +
+  "when it starts; other servers: one of URAE_API_KEYS.";
+const KEY_REFUSED = "The server refused this API key. urae-serve prints a new key each time it starts: " +
+  "paste the key (or open the link) from its latest output; other servers: ask for one of URAE_API_KEYS.";
+
 const $ = (id) => document.getElementById(id);
 let apiKey = localStorage.getItem(KEY_STORAGE) || "";
 
@@ -25,8 +30,10 @@ function authHeaders(extra = {}) {
 async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
   if (response.status === 401) {
-    showKeyForm("This server needs an API key.");
-    throw new ApiError(401, "an API key is needed: enter it above");
+    // A key that is present but refused is usually an old one: urae-serve makes a new key each start.
+    showKeyForm(apiKey ? KEY_REFUSED : KEY_NEEDED);
+    throw new ApiError(401, apiKey ? "the API key was refused: enter the current one above" :
+      "an API key is needed: enter it above");
   }
   if (!response.ok && response.status !== 503) {
     let detail = `${response.status} ${response.statusText}`;
@@ -58,7 +65,7 @@ async function refreshServer() {
     }
     return true;
   } catch (err) {
-    pill.textContent = err.status === 401 ? "API key needed" : "server unreachable";
+    pill.textContent = err.status === 401 ? (apiKey ? "API key refused" : "API key needed") : "server unreachable";
     pill.className = "pill down";
     return false;
   }
@@ -86,9 +93,32 @@ async function loadAdapters() {
   }
 }
 
+// Fields the user has changed keep their values; the server's suggestions fill the others.
+const touched = new Set();
+
+async function applySuggestedSettings() {
+  try {
+    const { suggested } = await (await api("/config")).json();
+    if (!suggested) return;
+    const set = (id, value) => {
+      if (value !== null && value !== undefined && !touched.has(id)) $(id).value = String(value);
+    };
+    if (!touched.has("preset")) {
+      $("preset").value = suggested.width ? "custom" : (suggested.preset || $("preset").value);
+    }
+    set("width", suggested.width);
+    set("height", suggested.height);
+    set("aspect-ratio", suggested.aspect_ratio);
+    set("steps", suggested.steps);
+    $("preset").title = suggested.reason || "";
+    syncSizeFields();
+  } catch (_) { /* an older server without /config: keep the page's defaults */ }
+}
+
 async function connect() {
   if (await refreshServer()) {
     $("message").textContent = "";
+    await applySuggestedSettings();
     await loadAdapters();
     await restoreJobs();
   }
@@ -349,6 +379,10 @@ function init() {
     connect();
   });
   $("generate-form").addEventListener("submit", submit);
+  for (const id of ["preset", "aspect-ratio", "width", "height", "steps"]) {
+    $(id).addEventListener("input", () => touched.add(id));
+    $(id).addEventListener("change", () => touched.add(id));
+  }
   $("preset").addEventListener("change", syncSizeFields);
   $("random-seed").addEventListener("click", () => {
     $("seed").value = Math.floor(Math.random() * 2 ** 32);

@@ -123,6 +123,8 @@ def test_generate_with_live_progress_see_the_image_then_cancel_another(
     assert int(preview.get_attribute("data-step")) % 4 == 0
     long_card.locator(".cancel").click()
     page.wait_for_selector(".job[data-status='canceled']", timeout=60_000)
+    # The status comes from the event stream; the error text from the job record read right after it.
+    page.wait_for_function("document.querySelector('.job .error').textContent.length > 0", timeout=10_000)
     assert long_card.locator(".results img").count() == 0
     assert long_card.locator("progress").evaluate("bar => bar.value") < 100
     assert "canceled" in long_card.locator(".error").inner_text()
@@ -147,6 +149,40 @@ def test_a_refused_request_shows_the_servers_message(served_stack: ServedStack, 
     page.wait_for_function("document.getElementById('message').textContent.length > 0")
     assert page.inner_text("#message").startswith("steps:")
     assert page.locator(".job").count() == 0
+
+
+def test_a_wrong_key_is_reported_as_refused_with_where_to_get_the_right_one(
+    served_stack: ServedStack, page: Any
+) -> None:
+    # As after a restart of urae-serve: the browser still holds the key of the previous run.
+    page.goto(f"{served_stack.base_url}/#key=the-key-of-the-last-run")
+    page.wait_for_selector("#key-form:not([hidden])")
+    page.wait_for_function("document.querySelector('#server-status').textContent === 'API key refused'")
+    message = page.inner_text("#message")
+    assert "refused this API key" in message and "urae-serve prints a new key each time it starts" in message
+    assert "needs an API key" not in message
+    # The right key then works without a reload.
+    page.fill("#api-key", served_stack.api_key)
+    page.click("#save-key")
+    page.wait_for_function("document.querySelector('#server-status').classList.contains('ready')")
+    assert page.is_hidden("#key-form")
+
+
+def test_the_form_starts_from_settings_quick_on_the_served_workers(served_stack: ServedStack, page: Any) -> None:
+    """The stack runs the tiny model on a CPU: a first image in seconds, not 2K at 28 steps."""
+    config = httpx.get(f"{served_stack.base_url}/config", timeout=10,
+                       headers={"Authorization": f"Bearer {served_stack.api_key}"}).json()
+    assert config["devices"] == ["cpu"] and config["model"] == "tiny"
+    page.goto(f"{served_stack.base_url}/#key={served_stack.api_key}")
+    page.wait_for_function("document.getElementById('preset').value === 'custom'")
+    assert page.input_value("#width") == "512" and page.input_value("#height") == "512"
+    assert page.input_value("#steps") == "4"
+    assert page.is_visible("#width")
+    # What the user changes stays changed when the page reconnects.
+    page.fill("#steps", "9")
+    page.evaluate("connect()")
+    page.wait_for_timeout(500)
+    assert page.input_value("#steps") == "9"
 
 
 def test_the_playground_files_ship_with_the_package() -> None:

@@ -1,0 +1,68 @@
+"""GET /config: what the live workers serve, and request settings that give a first image quickly.
+
+The playground (and any client) starts from these instead of fixed defaults: 2K at 28 steps takes
+seconds on a GPU but minutes on a CPU, where 512 px at 4 steps answers in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from jobstore.contract import TIERS, JobKind
+from service.admission import serving_workers
+from service.deps import ApiKeyDep, RedisDep, SettingsDep
+
+router = APIRouter(tags=["health"])
+
+# A first image in seconds where the workers run on a CPU (any model): small and few steps.
+CPU_SUGGESTION = {"width": 512, "height": 512, "steps": 4}
+# On a GPU the 2K preset (URAE's 2K adapter, the preset's steps) is the product's point.
+GPU_SUGGESTION = {"preset": "2k", "aspect_ratio": "1:1"}
+
+
+class Suggested(BaseModel):
+    """Fields for POST /generate; those absent take the API's defaults."""
+
+    preset: str | None = None
+    aspect_ratio: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    reason: str
+
+
+class ServerConfig(BaseModel):
+    model: str
+    devices: list[str]
+    live_workers: int
+    max_pixels: int | None
+    tiers: list[str]
+    suggested: Suggested
+
+
+def _device_kind(device: str | None) -> str:
+    return "cpu" if str(device or "").startswith("cpu") else "gpu"
+
+
+def suggest(devices: list[str]) -> Suggested:
+    """Settings for a quick first image on the slowest live device (the job may land on it)."""
+    if not devices or any(_device_kind(d) == "cpu" for d in devices):
+        where = "the workers run on a CPU" if devices else "no worker is live; assumed a CPU"
+        return Suggested(**CPU_SUGGESTION, reason=f"{where}: 512 px at 4 steps gives a first image in seconds")
+    return Suggested(**GPU_SUGGESTION, reason="the workers run on GPUs: the 2K preset at its own steps")
+
+
+@router.get("/config", response_model=ServerConfig)
+def server_config(_: ApiKeyDep, settings: SettingsDep, conn: RedisDep) -> ServerConfig:
+    """The served model, the live workers' devices, tiers and size limit, and suggested settings."""
+    workers: list[dict[str, Any]] = serving_workers(conn, settings, JobKind.GENERATE)
+    devices = sorted({str(w.get("device") or "unknown") for w in workers})
+    limits = [int(w["max_pixels"]) for w in workers if w.get("max_pixels")]
+    return ServerConfig(
+        model=settings.model, devices=devices, live_workers=len(workers), max_pixels=max(limits) if limits else None,
+        tiers=sorted({t for w in workers for t in w.get("tiers", ["quality"])}, key=TIERS.index),
+        suggested=suggest(devices),
+    )

@@ -165,6 +165,9 @@ class JobPublic(BaseModel):
     ended_at: float | None = None
     webhook: WebhookTargetPublic | None = None
     webhooks: list[WebhookAttempt] = []
+    # What the model will not read of the prompt: the finished job's come from the worker's tokenizers;
+    # POST /generate's answer carries the API's estimate (it has no tokenizer).
+    warnings: list[str] = []
 
 
 class WebhookTargetPublic(BaseModel):

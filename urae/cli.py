@@ -140,6 +140,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = generator.generate(spec, on_progress=on_progress)
     finally:
         bar.close()
+    for warning in result.warnings:
+        print(f"urae generate: warning: {warning}", file=sys.stderr)
     for path, image, meta in zip(
         output_paths(args.output, spec.num_images, fmt), result.images, result.metadata, strict=True
     ):

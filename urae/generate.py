@@ -68,6 +68,8 @@ class GenerationResult:
     images: list[Image.Image]
     metadata: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
+    # What the model did not read of the prompt (cut by CLIP's 77 tokens or T5's max_sequence_length).
+    warnings: list[str] = field(default_factory=list)
 
 
 def library_versions() -> dict[str, str]:
@@ -245,6 +247,7 @@ class Generator:
         prompt_embeds, pooled_embeds, cached = self.prompts.encode(spec.prompt, spec.max_sequence_length, self.device)
         timings["text_encode"] = time.perf_counter() - t0
         timings["prompt_cache_hit"] = float(cached)
+        warnings = self.prompts.truncation_warnings(spec.prompt, spec.max_sequence_length)
         report("text_encode", 1, 1)
         check_cancel(0)
 
@@ -307,7 +310,7 @@ class Generator:
         metadata = [self._metadata(spec, spec.seed + i, adapter_records) for i in range(spec.num_images)]
         for meta, decode_mode in zip(metadata, decode_modes, strict=True):
             meta["vae_decode"] = decode_mode
-        return GenerationResult(images=images, metadata=metadata, timings=timings)
+        return GenerationResult(images=images, metadata=metadata, timings=timings, warnings=warnings)
 
     def _previews(self, spec: GenerationSpec, sink: PreviewSink | None, every: int) -> PreviewRenderer | None:
         """A preview renderer for one image, or None when previews are off."""

@@ -107,9 +107,38 @@ class PromptEncoder:
                     self._cache.popitem(last=False)
         return prompt_embeds, pooled, False
 
+    def truncation_warnings(self, prompt: str, max_sequence_length: int) -> list[str]:
+        """What the text encoders will not read of ``prompt``, counted with the pipeline's own
+        tokenizers: CLIP reads at most its 77 tokens, T5 at most ``max_sequence_length``."""
+        return prompt_truncation_warnings(self.pipe, prompt, max_sequence_length)
+
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
 
     def __len__(self) -> int:
         return len(self._cache)
+
+
+def _token_count(tokenizer: Any, prompt: str) -> int:
+    # Without truncation, with the special tokens the pipeline adds (CLIP: start and end; T5: end).
+    return len(tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"])
+
+
+def prompt_truncation_warnings(pipe: Any, prompt: str, max_sequence_length: int) -> list[str]:
+    """A readable warning per text encoder that cuts ``prompt`` (FluxPipeline truncates silently)."""
+    warnings: list[str] = []
+    clip = getattr(pipe, "tokenizer", None)
+    if clip is not None:
+        limit = int(getattr(pipe, "tokenizer_max_length", None) or clip.model_max_length)
+        count = _token_count(clip, prompt)
+        if count > limit:
+            warnings.append(f"the prompt is {count} CLIP tokens; CLIP reads only the first {limit} "
+                            "(its pooled embedding ignores the rest)")
+    t5 = getattr(pipe, "tokenizer_2", None)
+    if t5 is not None:
+        count = _token_count(t5, prompt)
+        if count > max_sequence_length:
+            warnings.append(f"the prompt is {count} T5 tokens; only the first {max_sequence_length} are used "
+                            f"(max_sequence_length {max_sequence_length}): the rest of the prompt is ignored")
+    return warnings

@@ -226,7 +226,8 @@ def _write_and_finish(
             timings["write_ended_at"] = round(time.time(), 4)
             summary = {"images": images, "seed": job.seed, "preset": spec.preset, "width": spec.width,
                        "height": spec.height, "steps": spec.steps, "adapters": result.metadata[0]["adapters"],
-                       "tier": spec.tier, "attention_backend": result.metadata[0].get("attention_backend")}
+                       "tier": spec.tier, "attention_backend": result.metadata[0].get("attention_backend"),
+                       "warnings": result.warnings}
             # Charged before the job is reported finished (a client that sees it finished sees the bytes
             # counted); retention gives them back with the images.
             charge_job_images(rt.conn, job.job_id, record.get("owner", ""), written_bytes)

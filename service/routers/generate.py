@@ -114,7 +114,23 @@ def submit_generation(
     response.headers["Location"] = f"/jobs/{job_id}"
     # Jobs in higher-priority queues run first: they count as ahead of this one.
     ahead = sum(lengths[q] for q in GENERATE_QUEUES[: GENERATE_QUEUES.index(queue)])
-    return job_public(record, ahead + record["queue_length"] - 1)
+    job = job_public(record, ahead + record["queue_length"] - 1)
+    job.warnings = prompt_length_estimate(body.prompt)
+    return job
+
+
+# CLIP reads 77 tokens (start and end included); every word is at least one token.
+CLIP_TOKENS = 77
+
+
+def prompt_length_estimate(prompt: str) -> list[str]:
+    """The API's cheap estimate (it has no tokenizer): more words than CLIP has tokens is certainly cut.
+    The finished job's ``warnings`` are exact, counted by the worker with the model's tokenizers."""
+    words = len(prompt.split())
+    if words <= CLIP_TOKENS - 2:
+        return []
+    return [f"the prompt has {words} words: more than CLIP's {CLIP_TOKENS} tokens, so CLIP will not read its end; "
+            "the finished job's warnings say exactly what each text encoder cut"]
 
 
 def _replay(value: str, fingerprint: str, records: RecordsDep, response: Response) -> JobPublic:

@@ -58,6 +58,7 @@ def job_public(record: dict[str, Any], position: int | None = None) -> JobPublic
         ended_at=record.get("ended_at"),
         webhook=record.get("webhook"),
         webhooks=record.get("webhooks") or [],
+        warnings=list((result or {}).get("warnings") or []),
     )
 
 

@@ -75,6 +75,21 @@ def test_events_iterate_status_to_the_end(urae: Client, worker: Any) -> None:
     assert events[-1].terminal and job.state.done
 
 
+def test_a_long_prompt_is_reported_when_queued_and_exactly_when_done(urae: Client, worker: Any) -> None:
+    long = " ".join(f"a lighthouse number {i} on a cliff" for i in range(20))  # 140 words
+    job = urae.generate(long, **SMALL, preview_every=0)
+    # The API's estimate (it has no tokenizer): more words than CLIP has tokens.
+    assert job.state.warnings and "140 words" in job.state.warnings[0]
+    events = list(job.events(timeout=120))
+    final = events[-1]
+    assert final.status == "finished"
+    assert any("CLIP reads only the first 77" in w for w in final.data["result"]["warnings"])
+    # The job's JSON carries the worker's exact warnings (counted with the model's tokenizers).
+    assert job.state.warnings == final.data["result"]["warnings"]
+    short = urae.generate("a lighthouse", **SMALL, preview_every=0)
+    assert short.state.warnings == [] and short.wait(timeout=120).state.warnings == []
+
+
 def test_cancel_a_running_job(urae: Client, worker: Any) -> None:
     job = urae.generate("a slow one", **SLOW)
     for event in job.events(timeout=120):

@@ -155,7 +155,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             # pydantic puts the byte offset where a field name goes: the field is the body itself.
             offset = next((p for p in loc if isinstance(p, int)), None)
-            cause = (first.get("ctx") or {}).get("error", "JSON decode error")
+            ctx: Any = first.get("ctx") or {}
+            cause = ctx.get("error", "JSON decode error")
             where = f" at byte {offset}" if offset is not None else ""
             return JSONResponse({"detail": f"body: not valid JSON{where}: {cause}", "field": "body",
                                  "errors": _plain(errors)}, 422)

@@ -17,10 +17,6 @@ from service.deps import ApiKeyDep, RedisDep, SettingsDep
 
 router = APIRouter(tags=["health"])
 
-# A first image in seconds where the workers run on a CPU (any model): small and few steps.
-CPU_SUGGESTION = {"width": 512, "height": 512, "steps": 4}
-# On a GPU the 2K preset (URAE's 2K adapter, the preset's steps) is the product's point.
-GPU_SUGGESTION = {"preset": "2k", "aspect_ratio": "1:1"}
 
 
 class Suggested(BaseModel):
@@ -51,8 +47,11 @@ def suggest(devices: list[str]) -> Suggested:
     """Settings for a quick first image on the slowest live device (the job may land on it)."""
     if not devices or any(_device_kind(d) == "cpu" for d in devices):
         where = "the workers run on a CPU" if devices else "no worker is live; assumed a CPU"
-        return Suggested(**CPU_SUGGESTION, reason=f"{where}: 512 px at 4 steps gives a first image in seconds")
-    return Suggested(**GPU_SUGGESTION, reason="the workers run on GPUs: the 2K preset at its own steps")
+        # A first image in seconds on a CPU (any model): small and few steps.
+        return Suggested(width=512, height=512, steps=4,
+                         reason=f"{where}: 512 px at 4 steps gives a first image in seconds")
+    # On GPUs the 2K preset (URAE's 2K adapter, the preset's steps) is the product's point.
+    return Suggested(preset="2k", aspect_ratio="1:1", reason="the workers run on GPUs: the 2K preset at its own steps")
 
 
 @router.get("/config", response_model=ServerConfig)

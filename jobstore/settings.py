@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     compile: bool | None = None
     # Attention kernel: auto (the best the GPU offers: FA3, cuDNN, FA2, SDPA) or a diffusers backend name.
     attention_backend: str = "auto"
+    # GPUs one generation worker drives for each image (diffusers' context parallelism): 1 is one GPU;
+    # N spawns N-1 follower processes on GPUs 1..N-1. Ulysses (all-to-all of heads, N divides 24)
+    # or ring (key/value blocks around the GPUs; needs a flash/cuDNN attention kernel).
+    context_parallel: int = Field(default=1, ge=1, le=64)
+    context_parallel_mode: Literal["ulysses", "ring"] = "ulysses"
     # Before reporting ready, run every served preset (presets), also at every aspect ratio (full), or
     # nothing (none) once, so that no request compiles; auto: presets on CUDA, none elsewhere.
     warmup: Literal["auto", "none", "presets", "full"] = "auto"

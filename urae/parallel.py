@@ -75,7 +75,10 @@ class GeneratorLoader:
     def __call__(self, device: torch.device) -> Generator:
         if self.torch_threads is not None:
             torch.set_num_threads(self.torch_threads)
-        return Generator.load(self.model_id, device=str(device), **self.options)
+        generator = Generator.load(self.model_id, device=str(device), **self.options)
+        # The adapter slots on every rank from the start, so all ranks run the same layers.
+        generator.adapters  # noqa: B018
+        return generator
 
 
 class ParallelGroupError(UraeError):
@@ -374,7 +377,8 @@ class ParallelGenerator:
         for spec in specs:
             spec.validate()
             self.generator.speed.check_tier(spec.tier)
-            check_shardable(spec, self.world)
+        # A size this group refuses needs no warm-up.
+        specs = [s for s in specs if not (s.image_tokens % self.world or s.max_sequence_length % self.world)]
         adapters = {name: source for spec in specs for name, source in self._resolve(spec.adapters).items()}
         result = self._send({"kind": "warm_up", "specs": [s.to_dict() for s in specs], "adapters": adapters},
                             on_each=on_each)

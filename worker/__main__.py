@@ -1,3 +1,4 @@
 from worker.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned rank process imports this module
+    main()

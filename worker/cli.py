@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         # Jobs whose images are still being written finish (or fail) before the worker goes.
         rt.image_writer.close()
+        close_group = getattr(rt.generator, "close", None)  # the follower ranks of a multi-GPU worker
+        if close_group is not None:
+            close_group()
         stop.set()
         beat.join(timeout=5)
         try:
@@ -155,6 +158,8 @@ def _load_model(rt: Runtime) -> bool:
         import torch
 
         torch.set_num_threads(s.torch_threads)
+    if s.context_parallel > 1:
+        return _load_parallel(rt)
     try:
         rt.generator = Generator.load(
             s.model, device=s.device, dtype=s.dtype, offload=s.offload, adapter_resolver=rt.adapter_source,
@@ -172,6 +177,24 @@ def _load_model(rt: Runtime) -> bool:
         return False
     log.info("model %s loaded on %s in %.1f s (%s)", s.model, s.device, time.monotonic() - started,
              rt.generator.capabilities())
+    return _warm_up(rt)
+
+
+def _load_parallel(rt: Runtime) -> bool:
+    """URAE_CONTEXT_PARALLEL > 1: this process and N-1 followers, one image across N GPUs."""
+    from urae.errors import UraeError
+    from worker.parallel import load_parallel_generator
+
+    s = rt.settings
+    started = time.monotonic()
+    try:
+        rt.generator = load_parallel_generator(rt)
+    except UraeError as exc:
+        print(f"urae-worker: cannot start {s.context_parallel} ranks of {s.model}: {exc}", file=sys.stderr)
+        return False
+    assert rt.generator is not None
+    log.info("model %s loaded on %d ranks (%s) in %.1f s (%s)", s.model, s.context_parallel,
+             s.context_parallel_mode, time.monotonic() - started, rt.generator.capabilities())
     return _warm_up(rt)
 
 

@@ -20,6 +20,7 @@ from worker.image_writer import ImageWriter
 
 if TYPE_CHECKING:
     from urae.generate import Generator
+    from urae.parallel import ParallelGenerator
 
 
 @dataclass
@@ -30,7 +31,8 @@ class Runtime:
     records: JobRecords
     storage: Storage
     pid: int = field(default_factory=os.getpid)
-    generator: Generator | None = None
+    # One GPU, or rank 0 of a group driving several for each image (URAE_CONTEXT_PARALLEL).
+    generator: Generator | ParallelGenerator | None = None
     current_job: str | None = None
     # Set by SIGTERM: past this monotonic time the running job is stopped and put back in the queue.
     shutdown_deadline: float | None = None

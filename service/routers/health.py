@@ -42,7 +42,9 @@ def ready(_: ApiKeyDep, settings: SettingsDep, conn: RedisDep, storage: StorageD
             "tiers": sorted({t for w in workers for t in w.get("tiers", ["quality"])}, key=TIERS.index),
             "workers": [{"tiers": w.get("tiers", ["quality"]), "attention_backend": w.get("attention_backend"),
                          "precision": w.get("precision"), "compiled": w.get("compiled", False),
-                         "max_pixels": w.get("max_pixels")} for w in workers]}
+                         "max_pixels": w.get("max_pixels"),
+                         # GPUs the worker splits each image over (URAE_CONTEXT_PARALLEL).
+                         "context_parallel": w.get("context_parallel", 1)} for w in workers]}
     if not workers:
         return JSONResponse({**body, "status": "not ready", "detail": f"no live worker for model {settings.model}"}, 503)
     return JSONResponse({**body, "status": "ready"})

@@ -35,6 +35,7 @@ import datetime
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -278,6 +279,8 @@ def _follower_main(
     rank: int, world: int, port: int, device: str, factory: GeneratorFactory, mode: str, parent: int
 ) -> None:
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
+    # Ctrl-C reaches the whole process group: only rank 0 decides when the group stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     own = rank_device(device, rank)
     group = _init_rank(rank, world, port, own)

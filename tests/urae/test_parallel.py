@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -13,7 +14,13 @@ import torch
 from urae.attention import ProportionalAttnProcessor, proportional_scale, set_proportional_attention
 from urae.errors import GenerationCanceled, InvalidSpecError, ModelLoadError
 from urae.generate import Generator, Progress
-from urae.parallel import GeneratorLoader, ParallelGenerator, check_shardable, enable_context_parallel
+from urae.parallel import (
+    GeneratorLoader,
+    ParallelGenerator,
+    ParallelGroupError,
+    check_shardable,
+    enable_context_parallel,
+)
 from urae.spec import GenerationSpec
 
 # 128x96: 48 image tokens + 64 text tokens = 112 joint tokens; each of the 2 ranks holds 56. The
@@ -154,3 +161,16 @@ def test_shard_and_group_checks() -> None:
         enable_context_parallel(SimpleNamespace(config=SimpleNamespace(num_attention_heads=24)), 5, "ulysses")
     with pytest.raises(ModelLoadError, match="at least 2"):
         ParallelGenerator.start(GeneratorLoader("tiny", {}), world=1, device="cpu")
+
+
+def test_a_follower_that_dies_breaks_the_group_and_says_so(group: ParallelGenerator) -> None:
+    # Last in this module: it ends the shared group.
+    reasons: list[str] = []
+    group.on_failure = reasons.append
+    group._processes[0].kill()
+    deadline = time.monotonic() + 30
+    while not reasons and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reasons and "urae-cp-rank1 exited" in reasons[0]
+    with pytest.raises(ParallelGroupError, match="not serving"):
+        group.generate(GenerationSpec(**SPEC))

@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,8 @@ def test_errors_carry_status_detail_and_field(api_server: Any, urae: Client) -> 
 def test_health_ready_and_config(urae: Client, worker: Any) -> None:
     assert urae.health() == {"status": "ok"}
     assert urae.ready()["status"] == "ready"
+    config = urae.config()
+    assert config["devices"] == ["cpu"] and config["suggested"]["width"] == 512 and config["suggested"]["steps"] == 4
 
 
 def _dataset_zip() -> bytes:
@@ -280,8 +283,11 @@ def test_the_client_imports_without_the_server_side(tmp_path: Path) -> None:
 
 
 def test_the_client_builds_alone_with_only_httpx(tmp_path: Path) -> None:
+    # Built from a copy: a build leaves build/ and egg-info folders next to its pyproject.
+    source = shutil.copytree(REPO_ROOT / "client", tmp_path / "client",
+                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO_ROOT / "client")],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("urae_client-*.whl")

@@ -89,6 +89,22 @@ def test_proportional_attention_uses_the_global_length(group: ParallelGenerator,
         torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5)
 
 
+def test_adapters_are_loaded_on_every_rank(group: ParallelGenerator, tiny_generator: Generator) -> None:
+    from urae.presets import resolve_spec
+
+    adapters = resolve_spec("x", "2k", schnell=False).adapters  # the preset's URAE adapter
+    assert adapters
+    spec = GenerationSpec(**{**SPEC, "steps": 1, "adapters": adapters})
+    group.generate(spec)
+    tiny_generator.generate(spec)
+    whole = transformer_output(tiny_generator, 112)
+    # Rank 1 computes its heads over all tokens with its own weights: without the adapter there, rank
+    # 0's output would differ.
+    torch.testing.assert_close(group.run_on_all_ranks(transformer_output, 112), whole, rtol=1e-4, atol=1e-5)
+    tiny_generator.adapters.activate([])
+    assert (transformer_output(tiny_generator, 112) - whole).abs().max() > 1e-3
+
+
 def test_cancel_stops_every_rank_at_the_same_step(group: ParallelGenerator) -> None:
     spec = GenerationSpec(**{**SPEC, "steps": 50})
     seen: list[int] = []

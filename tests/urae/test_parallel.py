@@ -168,13 +168,17 @@ def test_length_mode_uses_the_global_length_on_a_shard(monkeypatch: pytest.Monke
     assert scales == [pytest.approx(proportional_scale(300, 16)), pytest.approx(proportional_scale(1200, 16))]
 
 
-def test_shard_and_group_checks() -> None:
+def test_shard_and_group_checks(tiny_generator: Generator) -> None:
     check_shardable(GenerationSpec(prompt="x", width=4096, height=4096, max_sequence_length=512), 8)
     with pytest.raises(InvalidSpecError) as info:
         check_shardable(GenerationSpec(prompt="x", width=1024, height=1024, max_sequence_length=512), 3)
     assert info.value.field == "max_sequence_length"
     with pytest.raises(ModelLoadError, match="heads"):
         enable_context_parallel(SimpleNamespace(config=SimpleNamespace(num_attention_heads=24)), 5, "ulysses")
+    # Ring attention needs the log-sum-exp, which PyTorch SDPA (the CPU's kernel) does not return.
+    with pytest.raises(ModelLoadError, match="log-sum-exp"):
+        enable_context_parallel(tiny_generator.pipe.transformer, 2, "ring")
+    assert tiny_generator.pipe.transformer._parallel_config is None
     with pytest.raises(ModelLoadError, match="at least 2"):
         ParallelGenerator.start(GeneratorLoader("tiny", {}), world=1, device="cpu")
 

@@ -85,3 +85,24 @@ def test_stopping_the_worker_stops_its_ranks(worker: Any) -> None:
     assert worker.proc.returncode == 0
     gone, alive = psutil.wait_procs(ranks, timeout=15)
     assert not alive
+
+
+def test_a_timed_out_job_fails_and_the_worker_stops_to_be_restarted(
+    settings: Any, http: Any, start_worker: Any
+) -> None:
+    # Rank 0 leaves the job mid-step (RQ's alarm) while rank 1 waits in a collective: the group cannot
+    # go on, so the job fails with its reason and the worker exits for its supervisor to restart it.
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.conftest import API_KEY
+
+    worker = start_worker("gen-cp-2", "--queues", "generate", env={"URAE_CONTEXT_PARALLEL": "2"})
+    ranks = followers(worker)
+    impatient = settings.model_copy(update={"job_timeout_s": 1})
+    with TestClient(create_app(impatient), headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        job = wait_for_status(client, client.post("/generate", json=LONG).json()["id"])
+    assert job["status"] == "failed" and job["error"] == "timed out after 1 s"
+    assert worker.proc.wait(timeout=30) == 0
+    gone, alive = psutil.wait_procs(ranks, timeout=15)
+    assert not alive

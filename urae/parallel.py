@@ -23,7 +23,9 @@ Library limits found on diffusers 0.42.1 (see the README's multi-GPU section):
 - Ring attention needs a kernel that returns the log-sum-exp (flash, cuDNN, sage); the ``native``
   (SDPA) kernel raises "Native attention does not support return_lse=True". On the CPU only Ulysses runs.
 - Each shard must hold whole tokens: the text length and the image tokens must divide by N, and for
-  Ulysses the heads too (FLUX.1: 24).
+  Ulysses the heads too (FLUX.1: 24). diffusers' uneven split (``ulysses_anything``) all-gathers
+  unequal parts, which gloo refuses ("ProcessGroupGloo::allgather: invalid tensor size at index 1"),
+  so it has no CPU test and is not used.
 - The turbo tier's step cache decides on each rank's own shard whether to skip the remaining blocks;
   ranks that decide differently would wait on each other forever, so turbo is not served in a group.
 """

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -27,6 +28,21 @@ from urae.spec import GenerationSpec
 # proportional scale of 112 tokens is not that of 56, so a rank that used its own length would differ.
 SPEC = dict(prompt="a lighthouse at dusk", width=128, height=96, steps=3, seed=7, max_sequence_length=64,
             ntk_factor=10.0, proportional_attention=True, shift=3.0)
+
+
+def test_a_rank_that_cannot_load_fails_the_start_and_leaves_nothing_running() -> None:
+    # First in this module: the shared group below holds this process's process group once created.
+    import torch.distributed as dist
+
+    def ranks() -> set[int]:  # spawned processes (multiprocessing's resource tracker is not one)
+        return {c.pid for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())}
+
+    before = ranks()
+    with pytest.raises(ModelLoadError, match="rank 1: ModelLoadError: cannot load model") as info:
+        ParallelGenerator.start(GeneratorLoader("/nonexistent/model", {}), world=2, device="cpu")
+    assert "rank 0: ModelLoadError" in str(info.value)  # every rank's reason, once
+    assert not dist.is_initialized()
+    assert ranks() <= before
 
 
 @pytest.fixture(scope="module")

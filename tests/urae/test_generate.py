@@ -37,7 +37,12 @@ def test_generates_requested_size_with_metadata(tiny_generator):
     )
     assert meta["model"] == "tiny" and meta["preset"] == "1k" and meta["adapters"] == []
     assert {"torch", "diffusers", "transformers", "peft", "urae-serve"} <= set(meta["versions"])
-    assert set(result.timings) == {"text_encode", "denoise", "decode"}
+    # Stage durations, plus when denoising began, the job's peak memory and the prompt cache's answer.
+    assert {"text_encode", "denoise", "decode"} <= set(result.timings)
+    assert all(result.timings[stage] > 0 for stage in ("text_encode", "denoise", "decode"))
+    assert set(result.timings) - {"text_encode", "denoise", "decode"} <= {
+        "denoise_started_at", "peak_rss_delta_bytes", "peak_gpu_memory_bytes", "prompt_cache_hit"
+    }
     # A random-weight model still gives a non-constant image.
     assert np.asarray(result.images[0]).std() > 1
 

@@ -28,6 +28,7 @@ Only plain torch ops are used, so the same code runs on CUDA.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ def default_band_rows(height: int) -> int:
     return max(32, math.ceil(height / 32))
 
 
-class _Node:
+class _Node(ABC):
     """A (B, C, H, W) tensor that can be produced in row bands."""
 
     batch: int
@@ -55,15 +56,15 @@ class _Node:
     height: int
     width: int
 
+    @abstractmethod
     def rows(self, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) of this tensor (0 <= a < b <= height)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def span(self, source: _Stored, a: int, b: int) -> tuple[int, int] | None:
         """Rows of ``source`` that ``rows(a, b)`` reads, or None if it does not read it."""
-        raise NotImplementedError
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 - most nodes keep no band; those that do override it
         """Drop any cached band (end of a pass)."""
 
 

@@ -190,7 +190,23 @@ async def _job_ended(aredis: aioredis.Redis, job_id: str) -> bool:
     return status is None or status.decode() in TERMINAL_STATUSES
 
 
+STORE_UNAVAILABLE_EVENT = 'event: error\ndata: {"detail": "event store unavailable"}\n\n'
+
+
 async def _event_stream(
+    aredis: aioredis.Redis, job_id: str, request: Request, keepalive_s: float, last_id: str,
+    shutdown: asyncio.Event,
+) -> AsyncIterator[str]:
+    """The job's events; losing Redis at any point ends the stream with an error event, never a cut
+    connection (the client reconnects with Last-Event-ID once the store is back)."""
+    try:
+        async for chunk in _events(aredis, job_id, request, keepalive_s, last_id, shutdown):
+            yield chunk
+    except (aioredis.ConnectionError, aioredis.TimeoutError):
+        yield STORE_UNAVAILABLE_EVENT
+
+
+async def _events(
     aredis: aioredis.Redis, job_id: str, request: Request, keepalive_s: float, last_id: str,
     shutdown: asyncio.Event,
 ) -> AsyncIterator[str]:
@@ -203,12 +219,8 @@ async def _event_stream(
         if shutdown.is_set():
             yield RECONNECT_EVENT
             return
-        try:
-            block = None if ended else int(min(_READ_BLOCK_S, keepalive_s) * 1000)
-            batch: Any = await aredis.xread({key: last_id}, count=200, block=block)
-        except (aioredis.ConnectionError, aioredis.TimeoutError):
-            yield "event: error\ndata: {\"detail\": \"event store unavailable\"}\n\n"
-            return
+        block = None if ended else int(min(_READ_BLOCK_S, keepalive_s) * 1000)
+        batch: Any = await aredis.xread({key: last_id}, count=200, block=block)
         if not batch:
             if ended:
                 return

@@ -45,7 +45,7 @@ def test_budget_skips_rows_and_says_so(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_generate
 
-    status = gpu_generate.main(["--tiny", "--sizes", "64", "128", "--tiers", "quality", "--budget-s", "0.5",
+    status = gpu_generate.main(["--tiny", "--sizes", "64", "128", "--tiers", "quality", "--budget-s", "0.001",
                                 "--no-hotswap", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert status == 0

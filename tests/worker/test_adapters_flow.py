@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,15 @@ def test_hot_swap_between_two_adapters_equals_a_fresh_load(http: Any, worker: An
     reference = np.asarray(fresh.generate(spec).images[0].convert("RGB"), dtype=np.int16)
     assert np.abs(reference - swapped_b).max() <= 1
 
-    text = http.get("/metrics").text
-    misses = int(next(line for line in text.splitlines() if line.startswith("urae_adapter_cache_misses_total")).split()[-1])
+    # The worker's cache counters reach /metrics with its next heartbeat: wait for it.
+    deadline, misses = time.monotonic() + 20, 0
+    while time.monotonic() < deadline:
+        text = http.get("/metrics").text
+        line = next(ln for ln in text.splitlines() if ln.startswith("urae_adapter_cache_misses_total"))
+        misses = int(float(line.split()[-1]))
+        if misses >= 3:
+            break
+        time.sleep(0.2)
     assert misses >= 3
 
 

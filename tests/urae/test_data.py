@@ -195,24 +195,23 @@ def test_cache_cli_reports_and_fails_cleanly(tmp_path: Path, capsys: pytest.Capt
 
 
 @pytest.mark.slow
-def test_a_4k_image_is_cached_through_the_tiled_encoder(tmp_path: Path, pipe) -> None:  # type: ignore[no-untyped-def]
+def test_a_4k_image_is_cached_through_the_exact_banded_encoder(tmp_path: Path, pipe, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import urae.vae_decode
+
     data = tmp_path / "data"
     data.mkdir()
     save_image(data / "big.png", 4096, 4096)
     (data / "big.txt").write_text("a very large stripe pattern")
     items = scan_dataset(data, min_long_side=2048)
-    tiled_calls = []
+    exact_calls: list[tuple[int, ...]] = []
+    original = urae.vae_decode.exact_encode
+    monkeypatch.setattr(urae.vae_decode, "exact_encode",
+                        lambda vae, x: exact_calls.append(tuple(x.shape)) or original(vae, x))
+    tiled_calls: list[tuple[int, ...]] = []
     vae = pipe.vae
-    original = vae._tiled_encode
-    sizes = vae.tile_sample_min_size, vae.tile_latent_min_size
-    # FLUX's VAE tiles at 1024 px (its sample_size); the tiny one would use 64 px tiles.
-    vae.tile_sample_min_size, vae.tile_latent_min_size = 1024, 128
-    vae._tiled_encode = lambda x: tiled_calls.append(tuple(x.shape)) or original(x)
-    try:
-        report = cache_dataset(pipe, items, tmp_path / "cache", model_id="tiny", resolution=4096, progress=False)
-    finally:
-        del vae._tiled_encode
-        vae.tile_sample_min_size, vae.tile_latent_min_size = sizes
-    assert report.cached == 1 and tiled_calls == [(1, 3, 4096, 4096)]
+    monkeypatch.setattr(vae, "_tiled_encode", lambda x: tiled_calls.append(tuple(x.shape)))
+    report = cache_dataset(pipe, items, tmp_path / "cache", model_id="tiny", resolution=4096, progress=False)
+    # Above the 2K budget the cache encodes exactly, band by band; diffusers' (inexact) tiling never runs.
+    assert report.cached == 1 and exact_calls == [(1, 3, 4096, 4096)] and tiled_calls == []
     tensors = load_file(str(tmp_path / "cache" / "big.safetensors"))
     assert tensors["latent_mean"].shape == (4, 512, 512) and torch.isfinite(tensors["latent_mean"]).all()

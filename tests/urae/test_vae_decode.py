@@ -193,9 +193,10 @@ def _peak(mode: str, size: int) -> dict[str, float]:
 
 
 def test_exact_decode_adds_a_fraction_of_the_plain_decodes_memory():
-    plain, exact = _peak("full", 1024), _peak("exact", 1024)
-    assert plain["added_mib"] > 20, plain  # the measurement sees the plain decode's maps at all
-    # Measured 21 % at 2048 px, 20 % at 4096 px (BENCHMARKS.md); at 1024 px the bands weigh more.
+    # 2048 px (about 8 s for both): at 1024 px the bands' fixed overhead and the allocator's noise
+    # (+-30 MiB) weigh too much (measured 26-43 %); at 2048 px 23-24 % on a quiet machine.
+    plain, exact = _peak("full", 2048), _peak("exact", 2048)
+    assert plain["added_mib"] > 200, plain  # the measurement sees the plain decode's maps at all
     assert exact["added_mib"] <= 0.35 * plain["added_mib"], (exact, plain)
 
 

@@ -9,14 +9,11 @@ from jobstore.contract import (
     FINETUNE_QUEUE,
     GENERATE_QUEUES,
     JOB_COUNTS_KEY,
-    STAGE_BUCKETS,
-    STAGE_HISTOGRAM_PREFIX,
-    STAGE_NAMES,
     TIERS,
     JobKind,
     JobStatus,
 )
-from jobstore.metrics import peak_memory_lines
+from jobstore.metrics import peak_memory_lines, stage_lines
 from jobstore.queues import rq_queue_key
 from jobstore.workers import live_workers
 from service.admission import serving_workers
@@ -58,10 +55,8 @@ def metrics(_: ApiKeyDep, conn: RedisDep) -> PlainTextResponse:
     for name in queues:
         pipe.llen(rq_queue_key(name))
     pipe.hgetall(JOB_COUNTS_KEY)
-    for stage in STAGE_NAMES:
-        pipe.hgetall(STAGE_HISTOGRAM_PREFIX + stage)
     answers = pipe.execute()
-    depths, counts, histograms = answers[: len(queues)], answers[len(queues)], answers[len(queues) + 1 :]
+    depths, counts = answers[: len(queues)], answers[len(queues)]
     workers = live_workers(conn)
 
     lines = ["# HELP urae_queue_depth Jobs waiting in each queue.", "# TYPE urae_queue_depth gauge"]
@@ -69,18 +64,7 @@ def metrics(_: ApiKeyDep, conn: RedisDep) -> PlainTextResponse:
     lines += ["# HELP urae_jobs_total Jobs that entered each status.", "# TYPE urae_jobs_total counter"]
     decoded = {k.decode(): int(v) for k, v in counts.items()}
     lines += [f'urae_jobs_total{{status="{s}"}} {decoded.get(str(s), 0)}' for s in JobStatus]
-    lines += ["# HELP urae_stage_duration_seconds Time spent in each stage of a job.",
-              "# TYPE urae_stage_duration_seconds histogram"]
-    for stage, raw in zip(STAGE_NAMES, histograms, strict=True):
-        hist = {k.decode(): v for k, v in raw.items()}
-        cumulative = 0
-        for bound in STAGE_BUCKETS:
-            cumulative += int(hist.get(f"{bound:g}", 0))
-            lines.append(f'urae_stage_duration_seconds_bucket{{stage="{stage}",le="{bound:g}"}} {cumulative}')
-        count = int(hist.get("count", 0))
-        lines.append(f'urae_stage_duration_seconds_bucket{{stage="{stage}",le="+Inf"}} {count}')
-        lines.append(f'urae_stage_duration_seconds_sum{{stage="{stage}"}} {float(hist.get("sum", 0.0))}')
-        lines.append(f'urae_stage_duration_seconds_count{{stage="{stage}"}} {count}')
+    lines += stage_lines(conn)
     lines += ["# HELP urae_live_workers Workers with a fresh heartbeat.", "# TYPE urae_live_workers gauge"]
     for kind in JobKind:
         if kind != JobKind.ADAPTER_IMPORT:

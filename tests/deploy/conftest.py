@@ -1,8 +1,9 @@
-"""One ``urae-serve`` stack (tiny model, its own Redis given by URL) shared by the deploy tests."""
+"""``urae-serve`` stacks (their own Redis given by URL) shared by the deploy tests."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -19,13 +20,14 @@ class ServedStack:
     process: StackProcess
 
 
-@pytest.fixture(scope="session")
-def served_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedStack]:
+@contextmanager
+def serve_stack(tmp_path_factory: pytest.TempPathFactory, args: list[str],
+                env: dict[str, str] | None = None) -> Iterator[ServedStack]:
     """Redis started here and passed by URL (as on a host that already runs one), the API, workers."""
     redis = RedisServer(tmp_path_factory.mktemp("deploy-redis"))
     port = free_port()
     stack = StackProcess(["--port", str(port), "--data-dir", str(tmp_path_factory.mktemp("deploy-data")),
-                          "--redis-url", redis.url, "--finetune-workers", "1"])
+                          "--redis-url", redis.url, *args], env=env)
     try:
         stack.wait_for_line("urae-serve: ready")
         served = ServedStack(f"http://127.0.0.1:{port}", stack.api_key(), redis.url, stack)
@@ -35,3 +37,11 @@ def served_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedSta
         stack.interrupt()
         stack.kill()
         redis.stop()
+
+
+@pytest.fixture(scope="session")
+def served_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedStack]:
+    # The random tiny model (urae-serve's CPU default is mini): what the README's walkthrough and the
+    # playground tests are written for.
+    with serve_stack(tmp_path_factory, ["--finetune-workers", "1", "--model", "tiny"]) as served:
+        yield served

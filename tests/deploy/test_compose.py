@@ -30,8 +30,9 @@ API_REQUIREMENTS = REPO_ROOT / "docker" / "requirements-api.txt"
 # Longest single job a worker may be finishing when stopped: URAE's notebook puts a 4K image at
 # about 5 minutes on an H100.
 FOUR_K_JOB_S = 300
-# Imported when installed, not needed: rq's greenlet support; setuptools' distutils shim (a .pth file).
-OPTIONAL_IMPORTS = {"greenlet", "setuptools"}
+# Imported when installed, not needed: rq's greenlet support and its process titles (setproctitle, which
+# the dev extra's mutmut brings); setuptools' distutils shim (a .pth file).
+OPTIONAL_IMPORTS = {"greenlet", "setproctitle", "setuptools"}
 INTERPOLATION_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -83,14 +84,21 @@ def test_every_worker_reserves_gpus_by_device_id_and_generation_workers_one_each
         assert "count" not in devices[0]
         device_ids[name] = devices[0]["device_ids"]
     assert device_ids["worker-gpu0"] == ["0"] and device_ids["worker-gpu1"] == ["1"]
-    assert device_ids["worker-finetune"] == ["${FINETUNE_GPU:-0}"]
+    # Training loads a second model: never by default on worker-gpu0's GPU, and only when asked for.
+    assert device_ids["worker-finetune"] == ["${FINETUNE_GPU:-1}"]
+    assert compose["services"]["worker-finetune"]["profiles"] == ["finetune"]
 
 
 def test_redis_is_durable_private_and_password_protected(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
     command = " ".join(redis["command"])
-    for flag in ("--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction", "--requirepass"):
+    for flag in ("--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction"):
         assert flag in command
+    # The image's entrypoint drops to the redis user only for a command that starts with redis-server:
+    # the shell adds the password from the environment and hands over to that entrypoint.
+    assert redis["command"][0] == "redis-server"
+    assert redis["entrypoint"][:2] == ["sh", "-c"]
+    assert redis["entrypoint"][2] == 'exec docker-entrypoint.sh "$$@" --requirepass "$$REDIS_PASSWORD"'
     assert "ports" not in redis, "Redis must not be published on the host"
     assert "redis-data:/data" in redis["volumes"] and "redis-data" in compose["volumes"]
     assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
@@ -179,10 +187,27 @@ def test_every_urae_variable_of_the_compose_file_is_a_setting(path: Path) -> Non
         assert f"`{name}`" in readme, f"{name} is not documented in README.md"
 
 
+def base_image_default(instructions: list[tuple[str, str]]) -> str:
+    """The base image of every stage: one build argument whose default is the public image."""
+    assert instructions[0][0] == "ARG"
+    name, default = instructions[0][1].split("=", 1)
+    assert {args.split()[0] for op, args in instructions if op == "FROM"} == {f"${{{name}}}"}
+    return default
+
+
 def test_worker_image_is_cuda_pytorch_non_root_with_a_healthcheck() -> None:
     instructions = dockerfile_instructions(WORKER_DOCKERFILE)
-    base = next(args for op, args in instructions if op == "FROM")
-    assert base.startswith("pytorch/pytorch:") and "cuda" in base
+    # A slim Python base; torch is PyPI's Linux wheel at the lock's version, the CUDA build unless
+    # TORCH_INDEX_URL names the CPU index (docker-compose.cpu.yml).
+    assert base_image_default(instructions) == "python:3.11-slim"
+    runs = [args for op, args in instructions if op == "RUN"]
+    assert any('"torch==$(sed -n \'s/^torch==//p\' /tmp/requirements.lock)"' in run for run in runs)
+    assert "ARG TORCH_INDEX_URL=" in WORKER_DOCKERFILE.read_text()
+    # Triton (torch.compile on CUDA) compiles at run time: the final image has a C compiler.
+    final = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM"):]
+    assert any(op == "RUN" and "apt-get install" in args and "gcc" in args for op, args in final)
+    # The optional extras ship: prodigy (optimizer: "prodigy" is accepted by the API) and torchao.
+    assert any('"/src[train,gpu]"' in run for run in runs)
     users = [args for op, args in instructions if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert any(op == "HEALTHCHECK" for op, _ in instructions)
@@ -196,8 +221,7 @@ def test_worker_image_is_cuda_pytorch_non_root_with_a_healthcheck() -> None:
 
 def test_api_image_is_slim_non_root_with_a_healthcheck_and_no_torch() -> None:
     instructions = dockerfile_instructions(API_DOCKERFILE)
-    base = next(args for op, args in instructions if op == "FROM")
-    assert base.startswith("python:3.11") and base.endswith("slim")
+    assert base_image_default(instructions) == "python:3.11-slim"
     users = [args for op, args in instructions if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert any(op == "HEALTHCHECK" for op, _ in instructions)
@@ -207,6 +231,39 @@ def test_api_image_is_slim_non_root_with_a_healthcheck_and_no_torch() -> None:
     for op, args in instructions:
         if op == "RUN" and "pip install" in args:
             assert "torch" not in args and ("-r /tmp/requirements-api.txt" in args or "--no-deps" in args)
+
+
+@pytest.mark.parametrize("path", [API_DOCKERFILE, WORKER_DOCKERFILE], ids=lambda p: p.name)
+def test_every_pip_install_of_the_images_is_held_to_the_lock(path: Path) -> None:
+    """What CI tested is what ships: every install resolves within requirements.lock. (The container
+    test lists what the built images hold and compares it with the lock.)"""
+    instructions = dockerfile_instructions(path)
+    copied = [args for op, args in instructions if op == "COPY"]
+    assert any(args.startswith("requirements.lock ") for args in copied)
+    installs = [args for op, args in instructions if op == "RUN" and "pip install" in args]
+    assert installs
+    for args in installs:
+        for command in args.split("&&"):
+            if "pip install" in command:
+                assert "-c /tmp/requirements.lock" in command, command
+
+
+def test_the_lock_pins_one_torch_and_ci_and_the_readme_install_from_it() -> None:
+    lock = (REPO_ROOT / "requirements.lock").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, re.M))
+    wanted = (REPO_ROOT / "docker" / "lock-pins.txt").read_text()
+    assert "torch==" + pins["torch"] in wanted.splitlines()
+    # The lock is the tool's output (its header names the command that refreshes it), not hand-written.
+    assert lock.startswith("# This file was autogenerated by uv via the following command:\n#    bash docker/refresh-lock.sh\n")
+    # Everything the images and CI need is pinned: the extras and their CUDA dependencies included.
+    for name in ("torchao", "prodigyopt", "peft", "diffusers", "triton", "nvidia-cublas"):
+        assert name in pins, name
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert "-c requirements.lock" in ci and '-e ".[dev,train,gpu]"' in ci
+    readme = (REPO_ROOT / "README.md").read_text()
+    setup = readme[readme.index("## Setup"):readme.index("## Generate an image on a CPU")]
+    assert f"pip install -c requirements.lock torch=={pins['torch']}" in setup
+    assert 'pip install -c requirements.lock -e ".[dev,train,gpu]"' in setup
 
 
 def _closure(requirements: list[Requirement]) -> set[str]:
@@ -298,13 +355,14 @@ def test_s3_mode_adds_minio_a_one_shot_bucket_and_points_every_service_at_it() -
     stack = merged(COMPOSE, COMPOSE_S3)
     services = stack["services"]
     minio, bucket = services["minio"], services["minio-bucket"]
-    assert minio["image"].startswith("minio/minio:RELEASE.") and "minio-data" in stack["volumes"]
+    assert "minio-data" in stack["volumes"]
     assert minio["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
     assert minio["environment"]["MINIO_ROOT_PASSWORD"].startswith("${MINIO_ROOT_PASSWORD:?")
     # The bucket is made once at start (idempotent), after MinIO is healthy; the job then exits.
-    assert bucket["image"].startswith("minio/mc:RELEASE.") and bucket["restart"] == "no"
+    assert default_of(bucket["image"]).startswith("minio/mc:RELEASE.") and bucket["restart"] == "no"
     assert "mc mb --ignore-existing" in " ".join(bucket["command"])
     assert bucket["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert default_of(minio["image"]).startswith("minio/minio:RELEASE.")
     users = [name for name in services if name not in ("redis", "minio", "minio-bucket")]
     assert {"api", "worker-gpu0", "worker-gpu1", "worker-finetune"} <= set(users)
     for name in users:
@@ -320,7 +378,8 @@ def test_s3_mode_adds_minio_a_one_shot_bucket_and_points_every_service_at_it() -
     # The storage settings the services get are valid settings, naming the S3 backend.
     from jobstore.storage import open_storage
 
-    env = {k: default_of(v) for k, v in services["api"]["environment"].items() if k.startswith("URAE_")}
+    env = {k: default_of(v) for k, v in services["api"]["environment"].items()
+           if k.startswith("URAE_") and v is not None}
     settings = Settings(api_keys="k", **{k.removeprefix("URAE_").lower(): v for k, v in env.items()
                                          if k not in ("URAE_API_HOST", "URAE_API_PORT")})
     assert settings.storage_location == "s3://urae/serve"
@@ -329,7 +388,8 @@ def test_s3_mode_adds_minio_a_one_shot_bucket_and_points_every_service_at_it() -
 
 def test_the_single_host_file_alone_still_uses_the_local_volume(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
-        assert "URAE_STORAGE_URL" not in service.get("environment", {}), name
+        # Only passed on from .env (another store, see README), never set by the file.
+        assert service.get("environment", {}).get("URAE_STORAGE_URL") is None, name
     assert "minio" not in compose["services"]
 
 
@@ -360,9 +420,11 @@ def test_the_main_host_publishes_redis_only_over_tls_with_the_password() -> None
     stack = merged(COMPOSE, COMPOSE_REDIS_TLS)
     redis = stack["services"]["redis"]
     command = " ".join(redis["command"])
-    for flag in ("--appendonly yes", "--maxmemory-policy noeviction", '--requirepass "$$REDIS_PASSWORD"',
-                 "--tls-port 6380", "--tls-cert-file", "--tls-key-file"):
+    for flag in ("--appendonly yes", "--maxmemory-policy noeviction", "--tls-port 6380", "--tls-cert-file",
+                 "--tls-key-file"):
         assert flag in command
+    # Still started through the main file's entrypoint: the password, and the redis user.
+    assert redis["command"][0] == "redis-server" and "--requirepass" in redis["entrypoint"][2]
     assert redis["ports"] == ["${REDIS_TLS_PORT:-6380}:6380"]  # the plain port stays inside
     assert "redis-data:/data" in redis["volumes"] and "./tls:/tls:ro" in redis["volumes"]
 
@@ -407,3 +469,64 @@ def test_a_rediss_url_reaches_a_tls_redis_with_its_password(tmp_path: Path) -> N
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+# -- what each container gets from .env ---------------------------------------------------------------
+# Set by the compose files per service (URLs, paths, devices), or secrets given only where needed.
+PER_SERVICE = {"URAE_REDIS_URL", "URAE_STORAGE_DIR", "URAE_MODEL", "URAE_DEVICE", "URAE_DTYPE",
+               "URAE_SHUTDOWN_GRACE_S"}
+API_SECRETS = {"URAE_API_KEYS", "URAE_API_KEY_HASHES", "URAE_ADMIN_KEYS", "URAE_ADMIN_KEY_HASHES"}
+
+
+def test_every_setting_in_env_reaches_the_containers_and_no_container_reads_env_whole(
+    compose: dict[str, Any],
+) -> None:
+    """.env is Compose's: a container gets the non-secret URAE_* settings from it by name (a setting
+    missing from x-urae-settings would silently never reach a container), never the file itself."""
+    settings = {f"URAE_{name.upper()}" for name in Settings.model_fields}
+    forwarded = set(compose["x-urae-settings"])
+    assert all(value is None for value in compose["x-urae-settings"].values())  # from .env, or unset
+    secret = API_SECRETS | {"URAE_WEBHOOK_SECRET"}
+    assert settings - forwarded == PER_SERVICE | secret, sorted(settings - forwarded - PER_SERVICE - secret)
+    for path in (COMPOSE, COMPOSE_S3, COMPOSE_REDIS_TLS):
+        for name, service in yaml.safe_load(path.read_text())["services"].items():
+            assert "env_file" not in service, f"{path.name}: {name}"
+
+
+def test_each_service_gets_only_the_secrets_it_needs() -> None:
+    for files in ((COMPOSE,), (COMPOSE, COMPOSE_S3)):
+        services = merged(*files)["services"]
+        for name, service in services.items():
+            env = set(service.get("environment", {}))
+            if name.startswith("worker"):
+                assert "HF_TOKEN" in env and not env & (API_SECRETS | {"URAE_WEBHOOK_SECRET"}), name
+            elif name in ("api", "webhooks"):
+                assert "URAE_WEBHOOK_SECRET" in env and "HF_TOKEN" not in env, name
+                # The API checks keys; the webhook sender answers no HTTP and holds none.
+                assert API_SECRETS <= env if name == "api" else not env & API_SECRETS
+            if name not in ("redis", "minio", "minio-bucket"):
+                assert not env & {"REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "MINIO_ROOT_USER"}, name
+
+
+def test_the_cpu_override_runs_the_same_stack_with_the_tiny_model_and_no_gpus() -> None:
+    class ComposeLoader(yaml.SafeLoader):
+        """Compose's `!reset` tag (drop what the files before set): read as the value it resets to."""
+
+    ComposeLoader.add_constructor("!reset", lambda loader, node: loader.construct_mapping(node)
+                                  if isinstance(node, yaml.MappingNode) else loader.construct_sequence(node))
+    stack = yaml.safe_load(COMPOSE.read_text())
+    cpu = yaml.load((REPO_ROOT / "docker-compose.cpu.yml").read_text(), Loader=ComposeLoader)  # noqa: S506
+    assert set(cpu["services"]) <= set(stack["services"])
+    for name in ("worker-gpu0", "worker-gpu1", "worker-finetune"):
+        service = cpu["services"][name]
+        assert service["environment"]["URAE_MODEL"] == "tiny" and service["environment"]["URAE_DEVICE"] == "cpu"
+        assert service["deploy"] == {}, name  # `!reset {}`: the main file's GPU reservations are dropped
+        assert service["image"] == "urae-serve-worker:cpu"
+    for name in ("api", "webhooks"):
+        assert cpu["services"][name]["environment"]["URAE_MODEL"] == "tiny"
+    # The same Dockerfile, built once, with torch's CPU build at the lock's version.
+    args = cpu["services"]["worker-gpu0"]["build"]["args"]
+    assert default_of(args["TORCH_INDEX_URL"]) == "https://download.pytorch.org/whl/cpu"
+    assert stack["services"]["worker-gpu0"]["build"]["dockerfile"] == "docker/worker.Dockerfile"
+    assert [n for n, s in stack["services"].items() if "build" in s] == ["api", "worker-gpu0"]
+    assert "!reset" in (REPO_ROOT / "docker-compose.cpu.yml").read_text()

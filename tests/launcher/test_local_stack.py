@@ -35,14 +35,19 @@ def test_one_command_serves_a_job_and_ctrl_c_stops_every_process(tmp_path: Path)
         commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in children}
         assert sum("redis-server" in c for c in commands.values()) == 1, commands
         assert sum("service.app" in c for c in commands.values()) == 1, commands
-        assert sum("--queues generate" in c for c in commands.values()) == 1, commands
-        assert sum("--queues finetune" in c for c in commands.values()) == 1, commands
+        # A worker's command line, or the title RQ gives its process where setproctitle is installed.
+        def workers(queue: str) -> int:
+            return sum(f"--queues {queue}" in c or ("rq:worker:" in c and f"urae-{queue}" in c)
+                       for c in commands.values())
+
+        assert workers("generate") == 1, commands
+        assert workers("finetune") == 1, commands
         assert any("-m webhooks" in c for c in commands.values()), commands  # (and its RQ scheduler)
         assert "webhooks    signed with whsec_" in stack.output
 
         base = f"http://127.0.0.1:{port}"
         body = wait_ready(base, key)
-        assert body["model"] == "tiny" and body["live_workers"] == 1, ready_line
+        assert body["model"] == "mini" and body["live_workers"] == 1, ready_line
         # The generated key is the only way in.
         assert httpx.get(f"{base}/ready", timeout=5).status_code == 401
 
@@ -127,7 +132,7 @@ def test_open_access_is_explicit_and_announced(tmp_path: Path) -> None:
     # Without the flag a key is generated: never open by default.
     default = LocalStack(StackOptions(data_dir=tmp_path))
     assert default._service_env()["URAE_API_KEYS"] == default.api_key and default.api_key
-    # A real model defaults to the GPU in bfloat16; the tiny one to the CPU in float32.
+    # A real model defaults to the GPU in bfloat16; mini (the default) and tiny to the CPU in float32.
     gpu = parse_args(["--model", "black-forest-labs/FLUX.1-dev"])
     assert (gpu.resolved_device, gpu.resolved_dtype) == ("cuda", "bfloat16")
     assert (options.resolved_device, options.resolved_dtype) == ("cpu", "float32")
@@ -141,4 +146,4 @@ def test_each_generation_worker_gets_its_own_gpu(tmp_path: Path) -> None:
     assert stack._gpu_ids({"CUDA_VISIBLE_DEVICES": "2, 5,7"}) == ["2", "5"]
     with pytest.raises(LocalStackError, match="--workers 2 needs 2 GPUs; CUDA_VISIBLE_DEVICES lists 1"):
         stack._gpu_ids({"CUDA_VISIBLE_DEVICES": "3"})
-    assert LocalStack(parse_args(["--workers", "2"]))._gpu_ids({"CUDA_VISIBLE_DEVICES": "0"}) == []  # tiny on CPU
+    assert LocalStack(parse_args(["--workers", "2"]))._gpu_ids({"CUDA_VISIBLE_DEVICES": "0"}) == []  # mini on CPU

@@ -10,6 +10,8 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from urae.errors import ModelLoadError
+from urae.mini.model import MINI_MODEL_ID
+from urae.mini.model import WEIGHTS_PATH as MINI_WEIGHTS_PATH
 from urae.tiny import TINY_MODEL_IDS, build_tiny_pipeline
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
@@ -37,12 +39,12 @@ HUB_WEIGHTS_DTYPE = torch.bfloat16
 def stored_dtype(model_id: str) -> torch.dtype:
     """The dtype the transformer's weights are stored in, read from the safetensors headers only.
 
-    ``tiny`` models are float32; a local diffusers folder or single ``.safetensors`` file is read; a hub
+    ``tiny`` models are float32; ``mini`` is read from its weights file; a local diffusers folder or single ``.safetensors`` file is read; a hub
     id is read from the local hub cache when it is there, else FLUX.1's published bfloat16 is assumed.
     """
     if model_id in TINY_MODEL_IDS:
         return torch.float32
-    path = Path(model_id)
+    path = MINI_WEIGHTS_PATH if model_id == MINI_MODEL_ID else Path(model_id)
     if path.is_file():
         files = [path]
     elif path.is_dir():
@@ -87,7 +89,7 @@ def stored_transformer_tensors(model_id: str, names: list[str]) -> dict[str, tor
     path = Path(model_id)
     if path.is_dir():
         files = sorted((path / "transformer").glob("*.safetensors"))
-    elif model_id in TINY_MODEL_IDS or path.is_file():
+    elif model_id in TINY_MODEL_IDS or model_id == MINI_MODEL_ID or path.is_file():
         return {}
     else:
         files = _cached_hub_weights(model_id)
@@ -116,7 +118,7 @@ def load_pipeline(
 ) -> FluxPipeline:
     """Load a FLUX.1 pipeline; the caller chooses device, dtype and offload mode.
 
-    ``model_id`` is ``tiny``/``tiny-schnell``, a hub id, a local diffusers folder, or a single
+    ``model_id`` is ``tiny``/``tiny-schnell``, ``mini`` (trained, shipped in the package), a hub id, a local diffusers folder, or a single
     ``.safetensors`` transformer checkpoint (its VAE and text encoders then come from ``base_model``).
     ``offload``: None (everything on ``device``), ``model`` (model CPU offload) or ``sequential``.
     """
@@ -126,6 +128,10 @@ def load_pipeline(
     try:
         if model_id in TINY_MODEL_IDS:
             pipe = build_tiny_pipeline(model_id, dtype=torch_dtype)
+        elif model_id == MINI_MODEL_ID:
+            from urae.mini.model import build_mini_pipeline
+
+            pipe = build_mini_pipeline(dtype=torch_dtype)
         elif model_id.endswith(".safetensors") and Path(model_id).is_file():
             transformer = FluxTransformer2DModel.from_single_file(model_id, dtype=torch_dtype)
             pipe = FluxPipeline.from_pretrained(base_model, transformer=transformer, dtype=torch_dtype)
@@ -151,18 +157,28 @@ def load_pipeline(
 CUDA_ATTENTION_BACKENDS = ("_flash_3", "_flash_3_hub", "_native_cudnn", "flash", "native")
 
 
-def attention_backend_works(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``backend`` runs here: its requirements import and a small attention call succeeds."""
+def attention_backend_works(
+    backend: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int] | None = None
+) -> bool:
+    """Whether ``backend`` runs here: its requirements import and an attention call succeeds.
+
+    On CUDA the call has FLUX's real shape at 2K (1 x 16,896 tokens x 24 heads x 128): a kernel can
+    accept a small probe and refuse the real sequence length or head count. Elsewhere a small one.
+    """
     from diffusers.models.attention_dispatch import (
         AttentionBackendName,
         _check_attention_backend_requirements,
         dispatch_attention_fn,
     )
 
+    from urae.attention import FLUX_2K_ATTENTION_SHAPE
+
+    if shape is None:
+        shape = FLUX_2K_ATTENTION_SHAPE if torch.device(device).type == "cuda" else (1, 128, 2, 128)
     try:
         name = AttentionBackendName(backend)
         _check_attention_backend_requirements(name)
-        q = torch.randn(1, 128, 2, 128, device=device, dtype=dtype)
+        q = torch.randn(shape, device=device, dtype=dtype)
         out = dispatch_attention_fn(q, q, q, scale=None, backend=name)
         return bool(torch.isfinite(out).all())
     except Exception:  # any failure (missing package, kernel, GPU arch, dtype) means: not this one

@@ -38,19 +38,31 @@ PRESETS: dict[str, Preset] = {
         Preset("1k-schnell", 1024, None, 1.0, False, None, 4, 0.0, 256, "full"),
         Preset("2k-schnell", 2048, "urae-2k", 10.0, True, 1.0, 4, 0.0, 256, "auto"),
         Preset("4k-schnell", 4096, "urae-4k-schnell", 10.0, True, 1.0, 4, 0.0, 256, "auto"),
+        # mini (urae.mini) at its own scale: its base resolution (128 px, the analogue of 1024 px) and
+        # 2x / 4x of it, with mini's own URAE adapters; 64 T5 tokens, the length it was trained with;
+        # 20 steps (a CPU draws its base size in about a second).
+        Preset("1k-mini", 128, None, 1.0, False, None, 20, 3.5, 64, "full"),
+        Preset("2k-mini", 256, "urae-2k", 10.0, True, 3.0, 20, 3.5, 64, "auto"),
+        Preset("4k-mini", 512, "urae-4k", 10.0, True, 3.0, 20, 3.5, 64, "auto"),
     ]
 }
+# Models whose presets are their own rows (``{size}-{family}``), scaled to their training size.
+PRESET_FAMILIES = {"mini": "mini"}
 
 ASPECT_RATIOS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "2:1", "1:2", "4:1", "1:4")
 
 
-def preset_name(size: str, schnell: bool) -> str:
-    """``1k``/``2k``/``4k`` for a dev-like model, the ``-schnell`` row for a schnell-like one."""
+def preset_name(size: str, schnell: bool, model: str | None = None) -> str:
+    """``1k``/``2k``/``4k`` for a dev-like model, the ``-schnell`` row for a schnell-like one, and the
+    model's own row for a model with its own scale (``mini``: ``1k-mini`` is 128 px)."""
     key = size.lower()
-    if key.endswith("-schnell"):
-        key = key[: -len("-schnell")]
+    for suffix in ("-schnell", *(f"-{f}" for f in PRESET_FAMILIES.values())):
+        if key.endswith(suffix):
+            key = key[: -len(suffix)]
     if key not in ("1k", "2k", "4k"):
         raise InvalidSpecError("preset", f"{size!r} is not one of 1k, 2k, 4k")
+    if model in PRESET_FAMILIES:
+        return f"{key}-{PRESET_FAMILIES[model]}"
     return f"{key}-schnell" if schnell else key
 
 
@@ -81,14 +93,16 @@ def resolve_spec(
     aspect_ratio: str = "1:1",
     preset_adapter: bool = True,
     adapters: tuple[AdapterRef, ...] | list[AdapterRef] = (),
+    model: str | None = None,
     **overrides: Any,
 ) -> GenerationSpec:
     """Build a validated spec from a preset row plus per-request overrides.
 
     ``overrides`` are GenerationSpec fields (width, height, steps, guidance, seed, ...); a value of
     None means "use the preset's". The preset's adapter comes first unless ``preset_adapter`` is False.
+    ``model``: the model id, for models with presets of their own scale (see :data:`PRESET_FAMILIES`).
     """
-    row = PRESETS[preset_name(preset, schnell)]
+    row = PRESETS[preset_name(preset, schnell, model)]
     width, height = size_for_aspect(row.long_side, aspect_ratio)
     refs: list[AdapterRef] = []
     if preset_adapter and row.adapter is not None:

@@ -14,7 +14,13 @@ from __future__ import annotations
 import string
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    ModelMixin,
+)
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -157,5 +163,15 @@ def build_tiny_pipeline(flavour: str = "tiny", dtype: torch.dtype = torch.float3
         module.eval()
         module.requires_grad_(False)
     if dtype != torch.float32:
-        pipe.to(dtype=dtype)
+        _cast(pipe, dtype)
     return pipe
+
+
+def _cast(pipe: FluxPipeline, dtype: torch.dtype) -> None:
+    """``pipe.to(dtype=dtype)`` without diffusers' warning that modules "should be kept in float32: []":
+    its ``ModelMixin.to`` warns on every cast, also for models that keep no module in float32."""
+    for module in pipe.components.values():
+        if isinstance(module, ModelMixin) and not module._keep_in_fp32_modules:
+            torch.nn.Module.to(module, dtype=dtype)
+        elif isinstance(module, torch.nn.Module):
+            module.to(dtype=dtype)

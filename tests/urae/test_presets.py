@@ -10,13 +10,16 @@ from urae.spec import MAX_PIXELS, AdapterRef, GenerationSpec
 
 
 def test_table_holds_the_urae_settings():
+    for name in ("1k", "2k", "4k"):
+        row = PRESETS[name]
+        assert (row.steps, row.guidance, row.max_sequence_length) == (28, 3.5, 512), name
     for name in ("2k", "4k"):
         row = PRESETS[name]
-        assert (row.ntk_factor, row.proportional_attention, row.shift) == (10.0, True, 3.0)
+        assert (row.ntk_factor, row.proportional_attention, row.shift) == (10.0, True, 3.0), name
     for name in ("2k-schnell", "4k-schnell"):
+        row = PRESETS[name]
         # schnell's own shift, as the reference runs it (its time_shift=10 is never read).
-        assert (PRESETS[name].ntk_factor, PRESETS[name].proportional_attention, PRESETS[name].shift) == (10.0, True, 1.0)
-        assert (row.steps, row.guidance, row.max_sequence_length) == (28, 3.5, 512)
+        assert (row.ntk_factor, row.proportional_attention, row.shift) == (10.0, True, 1.0), name
     assert PRESETS["4k"].vae_decode == PRESETS["4k-schnell"].vae_decode == "auto"  # exact, tiles on OOM
     assert PRESETS["1k"].shift is None and PRESETS["1k"].adapter is None
     for name in ("1k-schnell", "2k-schnell", "4k-schnell"):
@@ -89,6 +92,55 @@ def test_bad_prompt_preset_and_ratio():
         resolve_spec("a cat", "1k", aspect_ratio="8:1")
 
 
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_field_of_a_preset_row_reaches_the_spec(name):
+    """What a request without overrides runs: the row's size, schedule, attention, text length and
+    decode, and its adapter at full weight."""
+    row = PRESETS[name]
+    model = "mini" if name.endswith("-mini") else None
+    spec = resolve_spec("a cat", name.split("-")[0], schnell=name.endswith("-schnell"), model=model)
+    assert spec.preset == name
+    assert (spec.width, spec.height) == (row.long_side, row.long_side)
+    assert (spec.steps, spec.guidance, spec.max_sequence_length) == (row.steps, row.guidance, row.max_sequence_length)
+    assert (spec.ntk_factor, spec.proportional_attention, spec.shift) == (
+        row.ntk_factor, row.proportional_attention, row.shift)
+    assert spec.vae_decode == row.vae_decode
+    assert spec.adapters == ((AdapterRef(row.adapter, 1.0),) if row.adapter else ())
+
+
+def test_the_default_preset_is_1k():
+    spec = resolve_spec("a cat")
+    assert (spec.preset, spec.width, spec.height, spec.vae_decode) == ("1k", 1024, 1024, "full")
+
+
+@pytest.mark.parametrize(
+    "ratio, accepted",
+    [("4:1", True), ("1:4", True), ("5:1", False), ("1:5", False), ("-16:9", False), ("16:-9", False),
+     ("0:1", False), ("1:0", False), ("-1:-1", False)],
+)
+def test_the_aspect_ratio_limits_are_the_ones_the_message_states(ratio, accepted):
+    if accepted:
+        width, height = size_for_aspect(1024, ratio)
+        assert max(width / height, height / width) == pytest.approx(4.0, rel=0.02)
+        return
+    with pytest.raises(InvalidSpecError) as info:
+        resolve_spec("a cat", "1k", aspect_ratio=ratio)
+    assert info.value.field == "aspect_ratio"
+    assert str(info.value) == f"aspect_ratio: {ratio!r} must be positive and at most 4:1"
+
+
+def test_bad_names_get_messages_that_say_what_is_allowed():
+    cases = [
+        ({"preset": "8k"}, "preset", "preset: '8k' is not one of 1k, 2k, 4k"),
+        ({"aspect_ratio": "wide"}, "aspect_ratio", "aspect_ratio: 'wide' is not of the form W:H"),
+        ({"colour": "red"}, "colour", "colour: is not a generation parameter"),
+    ]
+    for kwargs, field, message in cases:
+        with pytest.raises(InvalidSpecError) as info:
+            resolve_spec("a cat", **kwargs)
+        assert (info.value.field, str(info.value)) == (field, message)
+
+
 def test_spec_round_trips_through_a_dict():
     spec = resolve_spec("a cat", "2k", adapters=[AdapterRef("mine", 0.25)])
     assert GenerationSpec.from_dict(spec.to_dict()) == spec
@@ -141,7 +193,8 @@ def schnell_generator():
     return Generator.load("tiny-schnell", device="cpu", dtype="float32")
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+# mini's rows are for mini's own scheduler (tests/urae/test_mini.py), not the tiny FLUX.1 configs.
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if not n.endswith("-mini")))
 def test_each_preset_runs_the_reference_schedule(name, tiny_generator, schnell_generator):
     """The sigmas the pipeline actually walks through for every row, dev and schnell."""
     schnell = name.endswith("-schnell")
@@ -175,3 +228,11 @@ def test_the_pixel_limit_is_the_product_the_message_states():
     with pytest.raises(InvalidSpecError) as big:
         dataclasses.replace(base, width=8192, height=8192).validate()
     assert "8192x8192 is 67,108,864 pixels; the maximum is 17,039,360 pixels" in str(big.value)
+
+
+def test_a_model_with_its_own_scale_gets_its_own_rows():
+    # mini is trained at 128 px: its 1k/2k/4k are 128/256/512 px with its own URAE adapters.
+    assert [resolve_spec("x", size, model="mini").width for size in ("1k", "2k", "4k")] == [128, 256, 512]
+    assert resolve_spec("x", "2k-mini").preset == "2k"
+    assert resolve_spec("x", "2k", model="mini").preset == "2k-mini"
+    assert resolve_spec("x", "4k", model="black-forest-labs/FLUX.1-dev").width == 4096

@@ -234,6 +234,7 @@ class LocalTeacher:
             aspect_ratio=self.aspect_ratio,
             adapters=[AdapterRef.parse(a) for a in self.adapters],
             seed=seed,
+            model=self.model_id,
             **self.overrides,
         )
 

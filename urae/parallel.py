@@ -48,6 +48,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from urae.errors import InvalidSpecError, ModelLoadError, UraeError
 from urae.generate import CancelCheck, GenerationResult, Generator, ProgressCallback
@@ -197,6 +198,7 @@ def _prepare(factory: GeneratorFactory, device: torch.device, degree: int, mode:
     try:
         generator = factory(device)
         serve_without_turbo(generator)
+        generator.speed.exact_attention_only(generator.pipe.transformer, "the 8-bit kernel has no context parallelism")
     except Exception as exc:  # reported to every rank, then raised on each
         error = f"rank {group.rank}: {type(exc).__name__}: {exc}"
     errors: list[str] = [""] * group.world
@@ -254,6 +256,7 @@ def _run_command(generator: Generator, group: _Group, command: dict[str, Any], *
         should_cancel=_lockstep_cancel(group, rank0.get("should_cancel")),
         on_preview=rank0.get("on_preview"),
         preview_every=rank0.get("preview_every", 0),
+        image=command.get("image"),
     )
 
 
@@ -365,12 +368,14 @@ class ParallelGenerator:
         should_cancel: CancelCheck | None = None,
         on_preview: PreviewSink | None = None,
         preview_every: int = 0,
+        image: Image.Image | None = None,
     ) -> GenerationResult:
-        """:meth:`Generator.generate` on every rank; the image comes back here."""
+        """:meth:`Generator.generate` on every rank; the image comes back here. ``image`` (image to
+        image) travels to every rank with the command: each encodes the same input."""
         spec.validate()
         self.generator.speed.check_tier(spec.tier)
         check_shardable(spec, self.world)
-        command = {"kind": "generate", "spec": spec.to_dict(), "adapters": self._resolve(spec.adapters)}
+        command = {"kind": "generate", "spec": spec.to_dict(), "adapters": self._resolve(spec.adapters), "image": image}
         result = self._send(command, on_progress=on_progress, should_cancel=should_cancel,
                             on_preview=on_preview, preview_every=preview_every)
         assert isinstance(result, GenerationResult)

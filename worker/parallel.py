@@ -33,7 +33,8 @@ def load_parallel_generator(rt: Runtime) -> ParallelGenerator:
             "hotswap_rank": s.hotswap_rank, "text_encoder_offload": s.text_encoder_offload,
             "prompt_cache_size": s.prompt_cache_size, "adapter_slots": s.adapter_slots,
             "tiers": [t.strip() for t in s.tiers.split(",") if t.strip()], "compile": s.compile,
-            "attention_backend": s.attention_backend,
+            "attention_backend": s.attention_backend, "memory_profile": s.memory_profile,
+            "idle_adapter_slots": s.idle_adapter_slots,
         },
         torch_threads=s.torch_threads,
     )

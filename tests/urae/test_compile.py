@@ -16,6 +16,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from tests.pixels import max_pixel_diff
 from urae.adapters import save_lora
 from urae.adapters.builtin import resolve_adapter, tiny_lora_layers
 from urae.generate import Generator
@@ -121,3 +122,86 @@ def test_inductor_output_equals_eager_and_does_not_recompile(
         got = np.asarray(compiled.generate(spec).images[0])
     expected = np.asarray(eager.generate(spec).images[0])
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def _linear_ops(generator: Generator, spec: GenerationSpec) -> int:
+    """Matrix products one generation runs (every LoRA slot layer runs 2 per slot when computed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    count = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            count[0] += func in products
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        generator.generate(spec)
+    return count[0]
+
+
+def test_idle_adapter_slots_are_skipped_for_requests_without_adapters(user_adapters: dict[str, Path]) -> None:
+    spec = _spec("1k", 64, 64, steps=1)  # no adapter
+    counts = {}
+    for mode in ("compute", "skip"):
+        generator = Generator.load("tiny", device="cpu", dtype="float32", compile=False, idle_adapter_slots=mode)
+        layers = len(generator.adapters.target_layers())
+        counts[mode] = _linear_ops(generator, spec)
+    # 2 slots x (A, B) on every slot layer, once per step: what skipping saves.
+    assert counts["compute"] - counts["skip"] == 2 * 2 * layers
+    with_adapter = _spec("2k", 64, 64, adapters=(AdapterRef("style", 1.0),), steps=1)
+    generator = _generator_with(user_adapters, compile=False, idle_adapter_slots="skip")
+    assert _linear_ops(generator, with_adapter) == counts["compute"]  # slots on again with an adapter
+
+
+def _generator_with(user_adapters: dict[str, Path], **options: object) -> Generator:
+    def resolver(name: str) -> Path:
+        return user_adapters[name] if name in user_adapters else resolve_adapter(name, "tiny")
+
+    return Generator.load("tiny", device="cpu", dtype="float32", adapter_resolver=resolver, hotswap_rank=48,
+                          **options)  # type: ignore[arg-type]
+
+
+def test_skipping_idle_slots_is_compiled_at_warm_up_not_per_request(
+    user_adapters: dict[str, Path], fresh_dynamo: None
+) -> None:
+    graphs = {}
+    for mode in ("compute", "skip"):
+        torch._dynamo.reset()
+        counters.clear()
+        generator = _generator_with(user_adapters, compile="eager", idle_adapter_slots=mode)
+        # A worker's warm-up: 1k has no adapter (slots off), 2k brings the URAE adapter (slots on).
+        generator.warm_up([_spec(p, 128, 128, tier=t) for p in ("1k", "2k") for t in ("quality", "turbo")])
+        graphs[mode] = counters["stats"]["unique_graphs"]
+    assert graphs["skip"] > graphs["compute"]  # the slots-off blocks are graphs of their own, built now
+    requests = [
+        _spec("1k", 192, 128),  # none
+        _spec("2k", 128, 256, adapters=(AdapterRef("style", 0.7),)),
+        _spec("2k", 96, 160, preset_adapter=False),  # none again, another size
+        _spec("1k", 128, 128, adapters=(AdapterRef("other", 1.0),)),
+        _spec("2k", 160, 96, tier="turbo", preset_adapter=False),
+    ]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for spec in requests:
+            assert generator.generate(spec).images[0].size == (spec.width, spec.height)
+    assert counters["stats"]["unique_graphs"] == graphs["skip"]
+
+
+def test_a_failed_compile_falls_back_to_eager_blocks_and_says_so(
+    user_adapters: dict[str, Path], fresh_dynamo: None
+) -> None:
+    generator = _generator(user_adapters, compile="eager")
+    transformer = generator.pipe.transformer
+    compiled = [m for m in transformer.modules() if hasattr(m.__dict__.get("forward"), "_torchdynamo_orig_callable")]
+    assert len(compiled) == generator.speed.compiled_blocks > 0
+    expected = np.asarray(_generator(user_adapters, compile=False).generate(_spec("2k", 64, 64)).images[0])
+    generator.speed.fall_back_to_eager(transformer, "compile failed (BackendCompilerFailed: ...)")
+    graphs = counters["stats"]["unique_graphs"]
+    image = np.asarray(generator.generate(_spec("2k", 64, 64)).images[0])
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing is compiled any more
+    assert not any(hasattr(m.__dict__.get("forward"), "_torchdynamo_orig_callable") for m in transformer.modules())
+    assert generator.capabilities()["compiled"] is False
+    assert generator.capabilities()["notes"] == ["compile: compile failed (BackendCompilerFailed: ...); the blocks run eagerly"]
+    # The same eager blocks as a load that never compiled (another load: within one uint8 step).
+    assert max_pixel_diff(image, expected) <= 1

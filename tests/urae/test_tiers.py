@@ -99,10 +99,11 @@ def test_turbo_skips_blocks_and_stays_close_to_quality(generator: Generator, blo
 def test_quality_reports_its_kernel_and_precision(generator: Generator) -> None:
     assert generator.capabilities() == {
         "tiers": ["quality", "turbo"], "attention_backend": "native", "precision": "float32", "compiled": False,
-        "adapter_slots": 2,
+        "adapter_slots": 2, "memory_profile": "default",
     }
     meta = generator.generate(_spec("quality", steps=2)).metadata[0]
     assert (meta["attention_backend"], meta["precision"], meta["compiled"]) == ("native", "float32", False)
+    assert meta["memory_profile"] == "default"
     # The kernel is set on every attention processor, and stays there (proportional attention is
     # switched on the same processors, never by replacing them).
     processors = {type(m.processor).__name__ for m in generator.pipe.transformer.modules() if hasattr(m, "processor")}

@@ -12,7 +12,7 @@ import importlib.metadata
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from PIL import Image
+from PIL import Image, ImageOps
 
 from urae.attention import apply_high_res_settings
-from urae.errors import GenerationCanceled
+from urae.errors import GenerationCanceled, InvalidSpecError, ModelLoadError
 from urae.memory import PeakMemory
+from urae.memory_profile import plan_memory, prepare_pipeline
 from urae.models import DEFAULT_MODEL, is_schnell, load_pipeline
 from urae.output import tensor_to_images
 from urae.previews import (
@@ -35,10 +36,10 @@ from urae.previews import (
     latent_rgb_map_for,
     latents_to_preview,
 )
-from urae.spec import GenerationSpec
-from urae.text_encoding import PromptEncoder, resolve_offload
+from urae.spec import DEFAULT_STRENGTH, GenerationSpec
+from urae.text_encoding import PromptEncoder, has_group_offload, resolve_offload
 from urae.tiers import SpeedSetup
-from urae.vae_decode import choose_mode, decode_latents_reporting_mode
+from urae.vae_decode import choose_mode, decode_latents_reporting_mode, encode_pixels
 
 if TYPE_CHECKING:
     from urae.adapters.manager import AdapterManager
@@ -108,6 +109,38 @@ def timestep_sigmas(base_config: Any, steps: int, image_tokens: int, shift: floa
     return [float(s) for s in scheduler.sigmas[:-1]]
 
 
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """``image`` in RGB at exactly width x height: scaled to cover it and centre-cropped (its aspect
+    ratio is kept; what does not fit is cut evenly from both sides)."""
+    return ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
+
+
+@dataclass(frozen=True)
+class _StartPoint:
+    """Where an image-to-image run starts: the input's packed latents and the schedule's tail."""
+
+    latents: torch.Tensor
+    sigmas: list[float]
+    start_sigma: float
+    strength: float
+    source_size: tuple[int, int]
+    skipped_steps: int
+    encode_mode: str
+
+    def noised(self, pipe: FluxPipeline, spec: GenerationSpec, seeded: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+        """The input noised to the first sigma that is run, with the very noise a text-to-image run of
+        this seed starts from (so strength 1 is that run)."""
+        noise, _ = pipe.prepare_latents(
+            1, pipe.transformer.config.in_channels // 4, spec.height, spec.width, dtype, self.latents.device, seeded,
+        )
+        sigma = self.start_sigma
+        return (sigma * noise.float() + (1.0 - sigma) * self.latents.float()).to(dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {"width": self.source_size[0], "height": self.source_size[1], "strength": self.strength,
+                "skipped_steps": self.skipped_steps, "encode": self.encode_mode}
+
+
 class Generator:
     """A resident FLUX.1 pipeline serving generation specs."""
 
@@ -126,6 +159,8 @@ class Generator:
         tiers: Sequence[str] | None = None,
         compile: bool | str | None = None,
         attention_backend: str = "auto",
+        memory_profile: str = "default",
+        idle_adapter_slots: str = "compute",
     ):
         self.pipe = pipe
         # A local tiny-autoencoder folder for previews; None: the linear latent -> RGB map.
@@ -143,7 +178,10 @@ class Generator:
         pipe.set_progress_bar_config(disable=True)
         # Tiers, attention kernel, fp8 and compiled blocks (see urae.tiers); creates the adapter
         # slots first when compiling, so the compiled graph already has them.
-        self.speed = SpeedSetup.apply(self, tiers, compile, attention_backend)
+        self.speed = SpeedSetup.apply(self, tiers, compile, attention_backend, memory_profile, idle_adapter_slots)
+        if self.speed.memory.text_encoders_off_gpu:
+            # The profile streams both encoders from CPU memory (its notes say if one could not be).
+            text_encoder_offload = "group" if has_group_offload(pipe.text_encoder_2) else "none"
         # T5 off the GPU between encodes, and an LRU of prompt embeddings (see urae.text_encoding).
         pipeline_offloaded = getattr(pipe.text_encoder_2, "_hf_hook", None) is not None
         self.prompts = PromptEncoder(
@@ -168,16 +206,29 @@ class Generator:
         tiers: Sequence[str] | None = None,
         compile: bool | str | None = None,
         attention_backend: str = "auto",
+        memory_profile: str = "default",
+        idle_adapter_slots: str = "compute",
     ) -> Generator:
         """Load a pipeline and prepare it to serve ``tiers`` (default quality and turbo).
 
         ``compile`` None: compiled blocks on CUDA only. ``attention_backend`` "auto": the best kernel
-        the device offers (see :func:`urae.models.choose_attention_backend`).
+        the device offers (see :func:`urae.models.choose_attention_backend`). ``memory_profile``: see
+        :mod:`urae.memory_profile` (``24gb``: loaded in CPU memory, the transformer quantized onto the
+        GPU layer by layer).
         """
-        pipe = load_pipeline(model_id, device=device, dtype=dtype, offload=offload)
+        plan = plan_memory(memory_profile, device)
+        if plan.weights is not None and torch.device(device).type != "cpu":
+            if offload is not None:
+                raise ModelLoadError(f"memory profile {memory_profile} already keeps the text encoders off the GPU "
+                                     f"and the weights in 8 bits: leave CPU offload ({offload}) unset")
+            pipe = load_pipeline(model_id, device="cpu", dtype=dtype)
+            prepare_pipeline(pipe, plan, device)
+        else:
+            pipe = load_pipeline(model_id, device=device, dtype=dtype, offload=offload)
         return cls(pipe, model_id, adapter_resolver, adapter_capacity, hotswap_rank,
                     text_encoder_offload=text_encoder_offload, prompt_cache_size=prompt_cache_size,
-                    adapter_slots=adapter_slots, tiers=tiers, compile=compile, attention_backend=attention_backend)
+                    adapter_slots=adapter_slots, tiers=tiers, compile=compile, attention_backend=attention_backend,
+                    memory_profile=memory_profile, idle_adapter_slots=idle_adapter_slots)
 
     @property
     def adapters(self) -> AdapterManager:
@@ -209,8 +260,14 @@ class Generator:
         should_cancel: CancelCheck | None = None,
         on_preview: PreviewSink | None = None,
         preview_every: int = 0,
+        image: Image.Image | None = None,
     ) -> GenerationResult:
         """Generate ``spec.num_images`` images; seeds are ``spec.seed + i``.
+
+        With ``image`` (image to image): the image is fitted to the spec's size (scaled to cover it,
+        then centre-cropped), encoded, noised to the schedule's point at ``spec.strength`` (default
+        :data:`~urae.spec.DEFAULT_STRENGTH`) with the noise a generation of that seed starts from, and
+        denoised for the rest of the schedule. Strength 1 is the text-to-image run of the same seed.
 
         Raises GenerationCanceled (before any decode) when ``should_cancel`` returns True at a step
         boundary. With ``on_preview`` and ``preview_every`` > 0, every ``preview_every``-th step's
@@ -220,6 +277,10 @@ class Generator:
         # 1. Check inputs
         spec.validate()
         self.speed.check_tier(spec.tier)
+        if image is not None and spec.strength is None:
+            spec = replace(spec, strength=DEFAULT_STRENGTH)
+        elif image is None and spec.strength is not None:
+            raise InvalidSpecError("strength", "applies to an input image, and none was given")
         pipe = self.pipe
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -251,14 +312,19 @@ class Generator:
         report("text_encode", 1, 1)
         check_cancel(0)
 
-        # 5. Denoise and decode each image with its own seed, one at a time: image i is exactly the
+        # 5. Image to image: the input's latents and the schedule's tail that is run over them.
+        run_steps = spec.steps_run()
+        start = self._start_point(spec, image, timings)
+        check_cancel(0)
+
+        # 6. Denoise and decode each image with its own seed, one at a time: image i is exactly the
         # image a request with seed + i and num_images 1 gives, and the peak memory is one image's.
-        total = spec.steps * spec.num_images
+        total = run_steps * spec.num_images
         timings["denoise"] = timings["decode"] = 0.0
         images: list[Image.Image] = []
         decode_modes: list[str] = []  # per image: auto falls back to tiles on out-of-memory
         for index in range(spec.num_images):
-            done = index * spec.steps
+            done = index * run_steps
 
             previews = self._previews(spec, on_preview, preview_every)
 
@@ -278,29 +344,35 @@ class Generator:
             t0 = time.perf_counter()
             # Wall-clock time: lets a worker show that the next job denoises while this one's image is written.
             timings.setdefault("denoise_started_at", time.time())
+            seeded = torch.Generator(device="cpu").manual_seed(spec.seed + index)
+            schedule: dict[str, Any] = {"num_inference_steps": spec.steps}
+            if start is not None:
+                schedule = {"num_inference_steps": run_steps, "sigmas": start.sigmas,
+                            "latents": start.noised(pipe, spec, seeded, prompt_embeds.dtype)}
             try:
                 packed = pipe(
                     prompt_embeds=prompt_embeds,
                     pooled_prompt_embeds=pooled_embeds,
                     height=spec.height,
                     width=spec.width,
-                    num_inference_steps=spec.steps,
                     guidance_scale=spec.guidance,
-                    generator=torch.Generator(device="cpu").manual_seed(spec.seed + index),
+                    generator=seeded,
                     output_type="latent",
                     callback_on_step_end=on_step_end,
                     max_sequence_length=spec.max_sequence_length,
+                    **schedule,
                 ).images
             finally:
                 if previews is not None:
                     previews.close()
             timings["denoise"] += time.perf_counter() - t0
 
-            # 6. Memory-bounded decode
+            # 7. Memory-bounded decode
             report("decode", index, spec.num_images)
             t0 = time.perf_counter()
             latents = pipe._unpack_latents(packed, spec.height, spec.width, pipe.vae_scale_factor)
-            decoded, decode_mode = decode_latents_reporting_mode(pipe.vae, latents.to(pipe.vae.device), spec.vae_decode)
+            decode_request = self.speed.memory.decode_mode(spec.vae_decode, spec.height, spec.width)
+            decoded, decode_mode = decode_latents_reporting_mode(pipe.vae, latents.to(pipe.vae.device), decode_request)
             decode_modes.append(decode_mode)
             images.extend(tensor_to_images(decoded))
             timings["decode"] += time.perf_counter() - t0
@@ -310,7 +382,34 @@ class Generator:
         metadata = [self._metadata(spec, spec.seed + i, adapter_records) for i in range(spec.num_images)]
         for meta, decode_mode in zip(metadata, decode_modes, strict=True):
             meta["vae_decode"] = decode_mode
+            if start is not None:
+                meta["input_image"] = start.describe()
         return GenerationResult(images=images, metadata=metadata, timings=timings, warnings=warnings)
+
+    def _start_point(self, spec: GenerationSpec, image: Image.Image | None, timings: dict[str, float]) -> _StartPoint | None:
+        """For an image-to-image spec: the input encoded at the spec's size and the schedule's tail."""
+        if image is None:
+            return None
+        assert spec.strength is not None
+        t0 = time.perf_counter()
+        pipe = self.pipe
+        fitted = fit_image(image, spec.width, spec.height)
+        pixels = torch.from_numpy(np.asarray(fitted, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        decode_request = self.speed.memory.decode_mode(spec.vae_decode, spec.height, spec.width)
+        # The plain encode within the 2K budget, the exact banded one above it (the same numbers in
+        # bounded memory), as the decode chooses.
+        encode_mode = "full" if choose_mode(decode_request, spec.height, spec.width) == "full" else "exact"
+        posterior = encode_pixels(pipe.vae, pixels.to(pipe.vae.device), encode_mode)
+        latents = (posterior.mode() - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        channels, h, w = latents.shape[1:]
+        packed = pipe._pack_latents(latents, 1, channels, h, w).to(self.device)
+        # The unshifted sigmas of the whole schedule, from its first step that is run: the scheduler
+        # shifts each alike, so the run walks exactly the tail of the full schedule.
+        skipped = spec.skipped_steps()
+        sigmas = np.linspace(1.0, 1 / spec.steps, spec.steps)[skipped:].tolist()
+        start_sigma = timestep_sigmas(self._base_scheduler_config, spec.steps, spec.image_tokens, spec.shift)[skipped]
+        timings["encode_image"] = time.perf_counter() - t0
+        return _StartPoint(packed, sigmas, start_sigma, spec.strength, image.size, skipped, encode_mode)
 
     def _previews(self, spec: GenerationSpec, sink: PreviewSink | None, every: int) -> PreviewRenderer | None:
         """A preview renderer for one image, or None when previews are off."""
@@ -371,6 +470,7 @@ class Generator:
         return len(specs)
 
     def _activate_adapters(self, spec: GenerationSpec) -> list[dict[str, Any]]:
+        self.speed.use_adapter_slots(self.pipe.transformer, bool(spec.adapters))
         if not spec.adapters:
             if self._adapters is not None:
                 self._adapters.activate([])
@@ -404,6 +504,7 @@ class Generator:
             "vae_decode": choose_mode(spec.vae_decode, spec.height, spec.width),
             "adapters": adapters,
             "tier": spec.tier,
+            "strength": spec.strength,
             **self.speed.metadata(spec.tier, spec.preset),
             "versions": library_versions(),
         }

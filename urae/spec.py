@@ -31,6 +31,11 @@ MAX_SEQUENCE_LENGTHS = (64, 128, 256, 512)
 VAE_DECODE_MODES = ("auto", "full", "exact", "tiled", "patched")
 TIERS = ("quality", "fast", "turbo")
 MAX_SEED = 2**63 - 1
+# Image to image: the share of the schedule that is run again over the input image (1: from noise, the
+# input only sets the size). Chosen from the refine measurements in BENCHMARKS.md.
+DEFAULT_STRENGTH = 0.45
+# The largest input image read (width x height, before it is fitted to the output size): 8192 x 8192.
+MAX_INPUT_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,9 @@ class GenerationSpec:
     preset: str | None = None
     # Speed tier (urae.tiers): quality, fast (fp8) or turbo (step cache).
     tier: str = "quality"
+    # Image to image: how much of the schedule is run over the input image (see DEFAULT_STRENGTH).
+    # None without an input image.
+    strength: float | None = None
 
     def validate(self) -> GenerationSpec:
         """Raise :class:`InvalidSpecError` naming the first bad field; return self when valid."""
@@ -109,6 +117,10 @@ class GenerationSpec:
             raise InvalidSpecError("vae_decode", f"{self.vae_decode!r} is not one of {VAE_DECODE_MODES}")
         if self.tier not in TIERS:
             raise InvalidSpecError("tier", f"{self.tier!r} is not one of {', '.join(TIERS)}")
+        if self.strength is not None:
+            if isinstance(self.strength, bool) or not isinstance(self.strength, int | float) or not (
+                    math.isfinite(self.strength) and 0 < self.strength <= 1):
+                raise InvalidSpecError("strength", f"must be a number in (0, 1], got {self.strength!r}")
         names = [a.name for a in self.adapters]
         if len(set(names)) != len(names):
             raise InvalidSpecError("adapters", "an adapter is listed twice")
@@ -128,6 +140,17 @@ class GenerationSpec:
         data = dict(data)
         data["adapters"] = tuple(AdapterRef(**a) for a in data.get("adapters", ()))
         return cls(**data)
+
+    def steps_run(self) -> int:
+        """The denoising steps this spec runs: all of them from noise; from an input image, the last
+        ``strength`` share of the schedule (at least one)."""
+        return self.steps - self.skipped_steps()
+
+    def skipped_steps(self) -> int:
+        """The schedule's first steps an image-to-image run skips (its input stands in for them)."""
+        if self.strength is None:
+            return 0
+        return int(max(self.steps - min(self.steps * self.strength, self.steps), 0))
 
     @property
     def image_tokens(self) -> int:
@@ -157,4 +180,4 @@ def _check_float(name: str, value: Any, low: float, high: float) -> None:
         raise InvalidSpecError(name, f"{value} is outside {low}..{high}")
 
 
-__all__ = ["AdapterRef", "GenerationSpec", "field"]
+__all__ = ["DEFAULT_STRENGTH", "AdapterRef", "GenerationSpec", "field"]

@@ -181,15 +181,33 @@ class AsyncClient:
                  adapters: Sequence[wire.AdapterArg] | None = None, tier: str | None = None,
                  output_format: str | None = None, priority: str | None = None, preview_every: int | None = None,
                  webhook: str | None = None, webhook_events: Sequence[str] | None = None,
-                 idempotency_key: str | None = None) -> AsyncJob:
-        """Queue a text-to-image job; options left out take the server's defaults."""
+                 idempotency_key: str | None = None, image: wire.ImageArg | None = None,
+                 strength: float | None = None) -> AsyncJob:
+        """Queue a text-to-image job, or with ``image`` an image-to-image one (bytes or a path are sent
+        as a data: URL; ``{"job": id, "index": n}`` names an image of one of your finished jobs).
+        Options left out take the server's defaults."""
         body = wire.generate_body(prompt, dict(
             preset=preset, aspect_ratio=aspect_ratio, width=width, height=height, steps=steps, guidance=guidance,
             seed=seed, num_images=num_images, adapters=adapters, tier=tier, output_format=output_format,
             priority=priority, preview_every=preview_every, webhook=webhook,
-            webhook_events=list(webhook_events) if webhook_events is not None else None))
+            webhook_events=list(webhook_events) if webhook_events is not None else None, image=image,
+            strength=strength))
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return AsyncJob(self, JobState.from_json(await self._json("POST", "/generate", json=body, headers=headers)))
+
+    async def refine(self, job_id: str, *, preset: str | None = None, width: int | None = None, height: int | None = None,
+               strength: float | None = None, index: int | None = None, tier: str | None = None,
+               output_format: str | None = None, priority: str | None = None, preview_every: int | None = None,
+               webhook: str | None = None, webhook_events: Sequence[str] | None = None,
+               idempotency_key: str | None = None) -> AsyncJob:
+        """Make image ``index`` of a finished job again at a target size (``preset``, keeping its aspect
+        ratio, or ``width`` and ``height``): its prompt, seed and adapters, image to image from it."""
+        body = wire.refine_body(dict(
+            preset=preset, width=width, height=height, strength=strength, index=index, tier=tier,
+            output_format=output_format, priority=priority, preview_every=preview_every, webhook=webhook,
+            webhook_events=list(webhook_events) if webhook_events is not None else None))
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return AsyncJob(self, JobState.from_json(await self._json("POST", f"/jobs/{job_id}/refine", json=body, headers=headers)))
 
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, JobState.from_json(await self._json("GET", f"/jobs/{job_id}")))

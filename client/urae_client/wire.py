@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,9 @@ RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 AdapterArg = str | tuple[str, float] | Mapping[str, Any]
 FileArg = str | os.PathLike[str] | bytes | IO[bytes]
+# An input image: its bytes, a file's path, a ready data: URL, or {"job": id, "index": n} (an image of
+# one of the caller's finished jobs).
+ImageArg = bytes | str | os.PathLike[str] | Mapping[str, Any]
 
 
 def api_key_from(api_key: str | None) -> str | None:
@@ -83,8 +87,39 @@ def generate_body(prompt: str, options: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in options.items():
         if value is None:
             continue
-        body[key] = adapters_json(value) if key == "adapters" else value
+        if key == "adapters":
+            body[key] = adapters_json(value)
+        elif key == "image":
+            body[key] = image_json(value)
+        else:
+            body[key] = value
     return body
+
+
+def refine_body(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def image_media_type(data: bytes) -> str:
+    """The media type of a PNG, JPEG or WebP file, from its first bytes; ValueError for anything else."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    raise ValueError("the input image is not a PNG, JPEG or WebP file")
+
+
+def image_json(image: ImageArg) -> str | dict[str, Any]:
+    """An input image as the API takes it: a data: URL (bytes and files are encoded, with the media type
+    their first bytes say) or ``{"job": id, "index": n}``."""
+    if isinstance(image, Mapping):
+        return {"job": str(image["job"]), "index": int(image.get("index", 0))}
+    if isinstance(image, str) and image.startswith("data:"):
+        return image
+    data = Path(image).read_bytes() if isinstance(image, (str, os.PathLike)) else bytes(image)
+    return f"data:{image_media_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def open_file(file: FileArg, default_name: str) -> tuple[str, IO[bytes] | bytes, bool]:

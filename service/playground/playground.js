@@ -7,6 +7,11 @@ const KEY_STORAGE = "urae.apiKey";
 const JOBS_STORAGE = "urae.recentJobs";
 const MAX_REMEMBERED_JOBS = 24;
 const TERMINAL = new Set(["finished", "failed", "canceled"]);
+// Speed tiers (jobstore/contract.py TIERS) as the selector names them.
+const TIER_LABELS = { quality: "quality", fast: "fast (fp8)", turbo: "turbo (step cache)" };
+// Presets from small to large; a refine is offered only at a preset above the image's own.
+const PRESET_ORDER = ["1k", "2k", "4k"];
+const REFINE_PRESETS = ["2k", "4k"];
 
 const KEY_NEEDED = "This server needs an API key: urae-serve prints it (and a link that carries it) " +
   "when it starts; other servers: one of URAE_API_KEYS.";
@@ -27,15 +32,17 @@ function authHeaders(extra = {}) {
   return apiKey ? { ...extra, Authorization: `Bearer ${apiKey}` } : extra;
 }
 
+// A 503 is an error too, except where the caller reads it as an answer (answers503: /ready, "not ready").
 async function api(path, options = {}) {
-  const response = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
+  const { answers503, ...init } = options;
+  const response = await fetch(path, { ...init, headers: authHeaders(init.headers || {}) });
   if (response.status === 401) {
     // A key that is present but refused is usually an old one: urae-serve makes a new key each start.
     showKeyForm(apiKey ? KEY_REFUSED : KEY_NEEDED);
     throw new ApiError(401, apiKey ? "the API key was refused: enter the current one above" :
       "an API key is needed: enter it above");
   }
-  if (!response.ok && response.status !== 503) {
+  if (!response.ok && !(answers503 && response.status === 503)) {
     let detail = `${response.status} ${response.statusText}`;
     try {
       detail = (await response.json()).detail || detail;
@@ -54,7 +61,7 @@ function showKeyForm(reason) {
 async function refreshServer() {
   const pill = $("server-status");
   try {
-    const response = await api("/ready");
+    const response = await api("/ready", { answers503: true });
     const body = await response.json();
     if (response.status === 200) {
       pill.textContent = `${body.model} · ${body.live_workers} worker${body.live_workers === 1 ? "" : "s"}`;
@@ -96,9 +103,38 @@ async function loadAdapters() {
 // Fields the user has changed keep their values; the server's suggestions fill the others.
 const touched = new Set();
 
+// mini's presets are scaled to its 128 px training size, and it draws the world's captions.
+function showMiniScale() {
+  const labels = { "1k": "1K: mini's base (128²)", "2k": "2K: 2x (256²)", "4k": "4K: 4x (512²)" };
+  for (const option of $("preset").options) {
+    if (labels[option.value]) option.textContent = labels[option.value];
+  }
+  $("prompt").placeholder = "two red circles and a blue square in a row on a striped background";
+}
+
+// Only the tiers the live workers serve are offered: another would be refused at submission.
+function showTiers(tiers) {
+  const select = $("tier");
+  const chosen = select.value;
+  select.textContent = "";
+  for (const tier of tiers.length ? tiers : ["quality"]) {
+    const option = document.createElement("option");
+    option.value = tier;
+    option.textContent = TIER_LABELS[tier] || tier;
+    select.append(option);
+  }
+  if (tiers.includes(chosen)) select.value = chosen;
+  else select.value = tiers.includes("quality") ? "quality" : select.options[0].value;
+  select.disabled = tiers.length <= 1;
+  $("tier-note").textContent = tiers.length === 0 ? "no worker is live yet: quality assumed" :
+    tiers.length === 1 ? `the live workers serve only the ${tiers[0]} tier` : "";
+}
+
 async function applySuggestedSettings() {
   try {
-    const { suggested } = await (await api("/config")).json();
+    const { suggested, model, tiers } = await (await api("/config")).json();
+    if (model === "mini") showMiniScale();
+    if (tiers) showTiers(tiers);
     if (!suggested) return;
     const set = (id, value) => {
       if (value !== null && value !== undefined && !touched.has(id)) $(id).value = String(value);
@@ -144,10 +180,15 @@ function buildRequest() {
     body.preset = $("preset").value;
     body.aspect_ratio = $("aspect-ratio").value;
   }
-  for (const [field, id] of [["steps", "steps"], ["guidance", "guidance"], ["seed", "seed"]]) {
+  for (const [field, id] of [["steps", "steps"], ["guidance", "guidance"]]) {
     const value = numberOrNull(id);
     if (value !== null) body[field] = value;
   }
+  // Seeds go up to 2^63 - 1, past what a JavaScript number holds exactly (2^53): they travel as the
+  // decimal text the user typed, which the API accepts for any integer field.
+  const seed = $("seed").value.trim();
+  if (seed !== "") body.seed = seed;
+  body.tier = $("tier").value;
   body.adapters = [...document.querySelectorAll("#adapter-list .adapter")]
     .filter((row) => row.querySelector("input[type=checkbox]").checked)
     .map((row) => ({ name: row.dataset.name, weight: Number(row.querySelector(".weight").value) }));
@@ -165,9 +206,7 @@ async function submit(event) {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(buildRequest()),
     });
-    const job = await response.json();
-    rememberJob(job.id, $("prompt").value);
-    follow(addCard(job, $("prompt").value), job);
+    showNewJob(await response.json(), $("prompt").value);
   } catch (err) {
     $("message").textContent = err.message;
   } finally {
@@ -175,7 +214,36 @@ async function submit(event) {
   }
 }
 
+// The same picture (prompt, seed, adapters) at a larger preset, drawn from one image of a finished job.
+async function refine(card, jobId, index, preset, button) {
+  button.disabled = true;
+  card.querySelector(".error").textContent = "";
+  try {
+    const response = await api(`/jobs/${jobId}/refine`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ preset, index, tier: $("tier").value }),
+    });
+    showNewJob(await response.json(), card.querySelector(".prompt-text").title);
+  } catch (err) {
+    card.querySelector(".error").textContent = err.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// The presets larger than an image: its preset row ("2k", or a model's own "2k-mini") names its class.
+function refineTargets(result) {
+  const rank = PRESET_ORDER.indexOf(String(result.preset || "").split("-")[0]);
+  return rank < 0 ? [] : REFINE_PRESETS.filter((preset) => PRESET_ORDER.indexOf(preset) > rank);
+}
+
 // -- job cards --------------------------------------------------------------------------------------
+function showNewJob(job, prompt) {
+  rememberJob(job.id, prompt);
+  follow(addCard(job, prompt), job);
+}
+
 function addCard(job, prompt) {
   const card = $("job-template").content.firstElementChild.cloneNode(true);
   card.dataset.jobId = job.id;
@@ -214,6 +282,28 @@ function setProgress(card, progress) {
   bar.value = Math.max(bar.value, percent(progress));
   const label = progress.stage.replace("_", " ");
   card.querySelector(".progress-label").textContent = `${label} ${progress.step}/${progress.total}`;
+}
+
+// A job's timings: durations in seconds (a stage's name), wall-clock times (*_at, seconds since the
+// epoch), byte counts (*_bytes) and flags (*_hit, 0 or 1).
+function formatTiming(key, value) {
+  const number = Number(value);
+  if (key.endsWith("_at")) return new Date(number * 1000).toLocaleTimeString();
+  if (key.endsWith("_bytes")) return formatBytes(number);
+  if (key.endsWith("_hit")) return String(value);
+  return `${number.toFixed(2)} s`;
+}
+
+function formatBytes(bytes) {
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+  let size = Math.abs(bytes);
+  let unit = 0;
+  while (size >= 1024 && unit < units.length - 1) {
+    size /= 1024;
+    unit += 1;
+  }
+  const text = unit === 0 ? String(size) : size.toFixed(1);
+  return `${bytes < 0 ? "-" : ""}${text} ${units[unit]}`;
 }
 
 // A live preview (event: preview): a small JPEG of the latents as the image forms.
@@ -296,14 +386,17 @@ async function showResult(card, job) {
   const result = job.result || {};
   const meta = card.querySelector(".meta");
   meta.textContent = "";
+  // seed_str: the seed exactly (a JSON number past 2^53 arrives rounded in JavaScript).
+  const seed = result.seed_str ?? (result.seed === undefined ? null : String(result.seed));
   const rows = [
     ["size", result.width ? `${result.width}×${result.height}` : null],
     ["preset", result.preset],
-    ["seed", result.seed],
+    ["seed", seed],
     ["steps", result.steps],
+    ["tier", result.tier],
     ["adapters", (result.adapters || []).map((a) => `${a.name ?? a[0]}:${a.weight ?? a[1]}`).join(", ") || null],
     ["time", Object.keys(job.timings || {}).length
-      ? Object.entries(job.timings).map(([k, v]) => `${k} ${Number(v).toFixed(2)}s`).join(", ") : null],
+      ? Object.entries(job.timings).map(([k, v]) => `${k} ${formatTiming(k, v)}`).join(", ") : null],
     ["job", job.id],
   ];
   for (const [term, value] of rows) {
@@ -312,6 +405,15 @@ async function showResult(card, job) {
     const dd = document.createElement("dd");
     dt.textContent = term;
     dd.textContent = String(value);
+    if (term === "seed") {
+      const reuse = document.createElement("button");
+      reuse.type = "button";
+      reuse.className = "reuse-seed";
+      reuse.textContent = "use";
+      reuse.title = "put this seed in the form";
+      reuse.addEventListener("click", () => { $("seed").value = value; });
+      dd.append(" ", reuse);
+    }
     meta.append(dt, dd);
   }
   const results = card.querySelector(".results");
@@ -331,6 +433,18 @@ async function showResult(card, job) {
     link.download = `${job.id}-${image.index}.${image.key.split(".").pop()}`;
     link.textContent = `Download ${image.width}×${image.height} ${image.content_type.split("/")[1].toUpperCase()}`;
     results.append(img, link);
+    const refineRow = document.createElement("div");
+    refineRow.className = "refine";
+    for (const preset of refineTargets(result)) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.dataset.preset = preset;
+      button.textContent = `Refine at ${preset.toUpperCase()}`;
+      button.title = `this picture again at ${preset.toUpperCase()}: the same prompt, seed and adapters, drawn from it`;
+      button.addEventListener("click", () => refine(card, job.id, image.index, preset, button));
+      refineRow.append(button);
+    }
+    if (refineRow.childElementCount) results.append(refineRow);
   }
 }
 

@@ -200,6 +200,41 @@ def test_async_client_generates_cancels_and_raises(api_server: Any, worker: Any,
     asyncio.run(scenario())
 
 
+def test_image_to_image_and_refine(urae: Client, worker: Any, api_server: Any, tmp_path: Path) -> None:
+    draft = urae.generate("a lighthouse", **SMALL, num_images=2).wait(timeout=120)
+    assert draft.status == "finished", draft.state.error
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(draft.download(1))).convert("RGB").save(jpeg, "JPEG")
+    (tmp_path / "draft.webp").write_bytes(draft.download(0))
+    Image.open(tmp_path / "draft.webp").save(tmp_path / "draft.webp", "WEBP")
+    # Bytes and paths go as data URLs with the media type their first bytes say; a dict names a job's image.
+    for image in (jpeg.getvalue(), tmp_path / "draft.webp", str(tmp_path / "draft.webp"), {"job": draft.id, "index": 1}):
+        job = urae.generate("a lighthouse at night", **SMALL, image=image, strength=0.5).wait(timeout=120)
+        assert job.status == "finished", (image if isinstance(image, dict) else type(image), job.state.error)
+        assert job.state.result is not None and job.state.result["strength"] == 0.5
+    assert job.state.result["input_image"]["job"] == draft.id
+    with pytest.raises(ValueError, match="not a PNG, JPEG or WebP"):
+        urae.generate("x", image=b"GIF89a....")
+
+    refined = urae.refine(draft.id, width=128, height=128, index=1, strength=0.1).wait(timeout=120)
+    assert refined.status == "finished", refined.state.error
+    result = refined.state.result
+    assert result is not None and result["seed"] == SMALL["seed"] + 1 and (result["width"], result["height"]) == (128, 128)
+    with pytest.raises(UraeError) as err:
+        urae.refine(draft.id, preset="1k", index=3)
+    assert err.value.status == 422 and err.value.field == "index"
+
+    async def scenario() -> None:
+        async with AsyncClient(api_server.url, api_key=API_KEY) as aurae:
+            job = await (await aurae.refine(draft.id, width=64, height=128, strength=0.05)).wait(timeout=120)
+            assert job.status == "finished" and job.state.result is not None
+            assert (job.state.result["width"], job.state.result["height"]) == (64, 128)
+            job = await (await aurae.generate("a fox", **SMALL, image={"job": draft.id}, strength=1.0)).wait(timeout=120)
+            assert job.status == "finished" and job.state.result is not None and job.state.result["strength"] == 1.0
+
+    asyncio.run(scenario())
+
+
 class RestartableApi:
     """uvicorn on a fixed port, stopped and started again while a client follows a job."""
 
@@ -260,6 +295,32 @@ def test_the_readme_python_example_runs_as_written(api_server: Any, worker: Any,
     assert "422 width" in result.stdout
     with Image.open(tmp_path / "fox.png") as image:
         assert image.size == (256, 256)
+
+
+def test_the_client_readme_examples_run_as_written(api_server: Any, worker: Any, tmp_path: Path) -> None:
+    text = (REPO_ROOT / "client" / "README.md").read_text()
+    assert "pip install ./client" in text
+    sync_block, async_block = re.findall(r"```python\n(.*?)```", text, re.S)
+    env = {**os.environ, "URAE_API_URL": api_server.url, "URAE_API_KEY": API_KEY}
+    outputs = []
+    for block in (sync_block, async_block):
+        result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout)
+    assert outputs[0].splitlines()[0] == "ready" and "denoise 4 4" in outputs[0]
+    assert "finished 7 True" in outputs[0] and "422 width width:" in outputs[0]
+    assert "0.7 384 7" in outputs[0]
+    with Image.open(tmp_path / "lighthouse.png") as image:
+        assert image.size == (256, 256)
+    finished = [line.split() for line in outputs[1].splitlines() if line.endswith(" finished")]
+    assert len(finished) == 2 and "preview" in outputs[1]
+    for job_id, _ in finished:
+        with Image.open(tmp_path / f"{job_id}.png") as image:
+            assert image.size == (128, 128)
+    # The package carries it as its description.
+    pyproject = (REPO_ROOT / "client" / "pyproject.toml").read_text()
+    assert 'readme = "README.md"' in pyproject
 
 
 def test_the_client_imports_without_the_server_side(tmp_path: Path) -> None:

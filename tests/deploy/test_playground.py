@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
-from tests.deploy.conftest import ServedStack
+from tests.deploy.conftest import ServedStack, serve_stack
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -25,6 +27,46 @@ new MutationObserver(() => {
 }).observe(document.getElementById('gallery'), {subtree: true, attributes: true, childList: true,
                                                 characterData: true});
 """
+# Records what the newest card (the first in the gallery) shows while it is not the card given.
+WATCH_NEWEST_CARD = """
+(skip) => {
+  window.newestSeen = {progress: [], preview: false};
+  new MutationObserver(() => {
+    const card = document.querySelector('#gallery .job');
+    if (!card || card.dataset.jobId === skip) return;
+    const v = Number(card.querySelector('progress').value);
+    const seen = window.newestSeen;
+    if (seen.progress[seen.progress.length - 1] !== v) seen.progress.push(v);
+    if (!card.querySelector('img.preview').hidden) seen.preview = true;
+  }).observe(document.getElementById('gallery'), {subtree: true, attributes: true, childList: true,
+                                                  characterData: true});
+}
+"""
+# What the shipped mini model draws (urae.mini): its captions.
+MINI_PROMPT = "two red circles and a blue square in a row on a striped background"
+
+
+@pytest.fixture(scope="module")
+def one_tier_mini_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedStack]:
+    """The shipped mini model (128 px at 1K, 256 px at 2K: quick on a CPU), serving the quality tier only."""
+    with serve_stack(tmp_path_factory, ["--finetune-workers", "0", "--model", "mini"],
+                     env={"URAE_TIERS": "quality"}) as served:
+        yield served
+
+
+def get_config(stack: ServedStack) -> dict[str, Any]:
+    return httpx.get(f"{stack.base_url}/config", headers={"Authorization": f"Bearer {stack.api_key}"},
+                     timeout=10).json()
+
+
+def get_job(stack: ServedStack, job_id: str) -> dict[str, Any]:
+    return httpx.get(f"{stack.base_url}/jobs/{job_id}", headers={"Authorization": f"Bearer {stack.api_key}"},
+                     timeout=10).json()
+
+
+def card_meta(card: Any) -> dict[str, str]:
+    return dict(zip(card.locator(".meta dt").all_inner_texts(), card.locator(".meta dd").all_inner_texts(),
+                    strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +178,59 @@ def test_generate_with_live_progress_see_the_image_then_cancel_another(
     assert page.locator(".job").count() == 2
 
 
+def test_a_seed_past_2_53_is_shown_and_reused_exactly_and_timings_carry_their_units(
+    served_stack: ServedStack, page: Any
+) -> None:
+    seed = "9130118860406938186"  # a JavaScript number would be 9130118860406939000: another image
+    page.goto(f"{served_stack.base_url}/#key={served_stack.api_key}")
+    page.wait_for_function("document.querySelector('#server-status').classList.contains('ready')")
+    page.select_option("#preset", "custom")
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    page.fill("#steps", "2")
+    page.fill("#prompt", "a seed past two to the 53")
+    page.fill("#seed", seed)
+    page.click("#submit")
+    page.wait_for_selector(".job[data-status='finished'] .results img", timeout=90_000)
+    first = page.locator(".job").first
+    meta = dict(zip(first.locator(".meta dt").all_inner_texts(), first.locator(".meta dd").all_inner_texts(),
+                    strict=True))
+    assert meta["seed"].split()[0] == seed, meta
+
+    # Units only where they belong: seconds for stages, a time of day, bytes humanized, flags as they are.
+    timings = dict(entry.split(" ", 1) for entry in meta["time"].split(", "))
+    assert {"denoise", "denoise_started_at", "prompt_cache_hit", "peak_rss_delta_bytes"} <= set(timings), timings
+    for key, text in timings.items():
+        if key.endswith("_at"):
+            assert ":" in text and not text.endswith(" s"), (key, text)
+        elif key.endswith("_bytes"):
+            number, unit = text.split(" ")
+            assert unit in ("bytes", "KiB", "MiB", "GiB") and abs(float(number)) < 1024, (key, text)
+        elif key.endswith("_hit"):
+            assert text in ("0", "1"), (key, text)
+        else:
+            assert text.endswith(" s") and float(text[:-2]) >= 0, (key, text)
+
+    # Reuse it from the card: the same seed goes back, and the same image comes out.
+    page.fill("#seed", "")
+    first.locator(".reuse-seed").click()
+    assert page.input_value("#seed") == seed
+    page.click("#submit")
+    page.wait_for_function("document.querySelectorAll('.job[data-status=\"finished\"] .results img').length === 2",
+                           timeout=90_000)
+    second = page.locator(".job").first
+    second_meta = dict(zip(second.locator(".meta dt").all_inner_texts(), second.locator(".meta dd").all_inner_texts(),
+                           strict=True))
+    assert second_meta["seed"].split()[0] == seed
+    headers = {"Authorization": f"Bearer {served_stack.api_key}"}
+    pixels = []
+    for card in (first, second):
+        job_id = card.get_attribute("data-job-id")
+        png = httpx.get(f"{served_stack.base_url}/jobs/{job_id}/images/0", headers=headers, timeout=30).content
+        pixels.append(Image.open(io.BytesIO(png)).convert("RGB").tobytes())
+    assert max(abs(a - b) for a, b in zip(*pixels, strict=True)) <= 1
+
+
 def test_a_refused_request_shows_the_servers_message(served_stack: ServedStack, page: Any) -> None:
     page.goto(f"{served_stack.base_url}/#key={served_stack.api_key}")
     page.wait_for_function("document.querySelector('#server-status').classList.contains('ready')")
@@ -183,6 +278,122 @@ def test_the_form_starts_from_settings_quick_on_the_served_workers(served_stack:
     page.evaluate("connect()")
     page.wait_for_timeout(500)
     assert page.input_value("#steps") == "9"
+
+
+def test_the_tier_selector_offers_exactly_the_served_tiers_and_the_job_runs_on_the_chosen_one(
+    served_stack: ServedStack, page: Any
+) -> None:
+    config = get_config(served_stack)
+    # The CPU worker serves quality and turbo (fast needs fp8): a real choice to offer.
+    assert len(config["tiers"]) > 1 and "quality" in config["tiers"], config
+    page.goto(f"{served_stack.base_url}/#key={served_stack.api_key}")
+    page.wait_for_function("document.getElementById('preset').value === 'custom'")  # /config was read
+    assert page.locator("#tier option").evaluate_all("options => options.map(o => o.value)") == config["tiers"]
+    assert page.input_value("#tier") == "quality" and page.is_enabled("#tier")
+    assert page.is_hidden("#tier-note")
+
+    other = next(tier for tier in config["tiers"] if tier != "quality")
+    page.select_option("#tier", other)
+    page.fill("#width", "64")
+    page.fill("#height", "64")
+    page.fill("#steps", "2")
+    page.fill("#prompt", f"drawn on the {other} tier")
+    page.click("#submit")
+    page.wait_for_selector(".job[data-status='finished'] .results img", timeout=90_000)
+    card = page.locator(".job").first
+    assert get_job(served_stack, card.get_attribute("data-job-id"))["result"]["tier"] == other
+    assert card_meta(card)["tier"] == other
+
+
+def test_with_one_tier_served_the_tier_selector_is_disabled_and_says_why(
+    one_tier_mini_stack: ServedStack, page: Any
+) -> None:
+    assert get_config(one_tier_mini_stack)["tiers"] == ["quality"]
+    page.goto(f"{one_tier_mini_stack.base_url}/#key={one_tier_mini_stack.api_key}")
+    page.wait_for_function("document.getElementById('preset').value === '1k'")  # mini's suggestion: /config read
+    assert page.locator("#tier option").evaluate_all("options => options.map(o => o.value)") == ["quality"]
+    assert page.is_disabled("#tier")
+    assert page.inner_text("#tier-note") == "the live workers serve only the quality tier"
+
+
+def test_refine_is_offered_only_at_the_presets_larger_than_the_image(one_tier_mini_stack: ServedStack, page: Any) -> None:
+    stack = one_tier_mini_stack
+    page.goto(f"{stack.base_url}/#key={stack.api_key}")
+    page.wait_for_function("document.getElementById('preset').value === '1k'")
+    page.fill("#prompt", MINI_PROMPT)
+    page.fill("#steps", "2")
+    offered = {}
+    for count, preset in enumerate(("1k", "2k", "4k"), start=1):
+        page.select_option("#preset", preset)
+        page.click("#submit")
+        page.wait_for_function(f"document.querySelectorAll('.job[data-status=\"finished\"] .results img').length === {count}",
+                               timeout=90_000)
+        offered[preset] = page.locator(".job").first.locator(".refine button").all_inner_texts()
+    assert offered == {"1k": ["Refine at 2K", "Refine at 4K"], "2k": ["Refine at 4K"], "4k": []}
+
+
+def test_refine_at_2k_makes_the_same_picture_at_the_2k_size_in_a_card_of_its_own(
+    one_tier_mini_stack: ServedStack, page: Any
+) -> None:
+    stack = one_tier_mini_stack
+    page.goto(f"{stack.base_url}/#key={stack.api_key}")
+    page.wait_for_function("document.getElementById('preset').value === '1k'")
+    page.fill("#prompt", MINI_PROMPT)
+    page.fill("#seed", "7")
+    page.click("#submit")
+    page.wait_for_selector(".job[data-status='finished'] .results img", timeout=90_000)
+    draft = page.locator(".job").first
+    draft_id = draft.get_attribute("data-job-id")
+    assert draft.locator(".refine button").all_inner_texts() == ["Refine at 2K", "Refine at 4K"]
+
+    page.evaluate(WATCH_NEWEST_CARD, draft_id)
+    draft.locator(".refine button[data-preset='2k']").click()
+    page.wait_for_function("document.querySelectorAll('.job').length === 2")
+    refined = page.locator(".job").first
+    refined_id = refined.get_attribute("data-job-id")
+    assert refined_id != draft_id
+    page.wait_for_selector(f".job[data-job-id='{refined_id}'][data-status='finished'] .results img",
+                           timeout=120_000)
+
+    # The job: the draft's prompt and seed at mini's 2K size.
+    result = get_job(stack, refined_id)["result"]
+    assert (result["seed_str"], result["preset"], result["width"], result["height"]) == ("7", "2k-mini", 256, 256)
+    png = httpx.get(f"{stack.base_url}/jobs/{refined_id}/images/0", timeout=30,
+                    headers={"Authorization": f"Bearer {stack.api_key}"}).content
+    assert Image.open(io.BytesIO(png)).text["prompt"] == MINI_PROMPT
+    # The card: live progress and previews, then the image, as for a generation.
+    seen = page.evaluate("window.newestSeen")
+    assert seen["preview"], seen
+    assert seen["progress"][-1] == 100 and any(0 < v < 100 for v in seen["progress"]), seen
+    assert seen["progress"] == sorted(seen["progress"]), seen
+    assert refined.locator("img.preview").is_hidden()
+    refined.locator(".results img").evaluate("img => img.decode()")
+    assert refined.locator(".results img").evaluate("img => [img.naturalWidth, img.naturalHeight]") == [256, 256]
+    assert card_meta(refined)["seed"].split()[0] == "7"
+    assert refined.locator(".prompt-text").inner_text() == MINI_PROMPT
+    # A 2K image is offered 4K only: a refine must make it larger.
+    assert refined.locator(".refine button").all_inner_texts() == ["Refine at 4K"]
+
+
+def test_a_refused_refine_shows_the_servers_message_on_its_card(one_tier_mini_stack: ServedStack, page: Any) -> None:
+    stack = one_tier_mini_stack
+    page.goto(f"{stack.base_url}/#key={stack.api_key}")
+    page.wait_for_function("document.getElementById('preset').value === '1k'")
+    page.fill("#prompt", MINI_PROMPT)
+    page.fill("#steps", "2")
+    page.click("#submit")
+    page.wait_for_selector(".job[data-status='finished'] .results img", timeout=90_000)
+    # As when the workers serving a tier went away after the page read /config: the server refuses it.
+    page.evaluate("""() => {
+      const tier = document.getElementById('tier');
+      tier.add(new Option('turbo', 'turbo'));
+      tier.value = 'turbo';
+    }""")
+    page.locator(".job .refine button[data-preset='2k']").click()
+    page.wait_for_function("document.querySelector('.job .error').textContent.length > 0")
+    assert "no live worker serves the turbo tier" in page.locator(".job .error").inner_text()
+    assert page.locator(".job").count() == 1
+    assert page.is_enabled(".job .refine button[data-preset='2k']")
 
 
 def test_the_playground_files_ship_with_the_package() -> None:

@@ -13,7 +13,7 @@ import re
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 # -- bounds (mirror urae/spec.py) ------------------------------------------------------------------
 SIZE_MULTIPLE = 16
@@ -28,6 +28,11 @@ MAX_IMAGES = 4
 MAX_SEED = 2**63 - 1
 MAX_ADAPTERS_PER_REQUEST = 8
 ADAPTER_WEIGHT_RANGE = (-4.0, 4.0)
+# Image to image: the share of the schedule run over the input image when a request gives no strength.
+DEFAULT_STRENGTH = 0.45
+# An input image may declare at most this many pixels (8192 x 8192); refused from its header, before
+# a pixel is decoded. It is fitted to the requested size, so a larger one adds nothing but memory.
+MAX_INPUT_IMAGE_PIXELS = 8192 * 8192
 
 # -- presets (mirror urae/presets.py) ---------------------------------------------------------------
 PRESET_LONG_SIDE = {"1k": 1024, "2k": 2048, "4k": 4096}
@@ -52,6 +57,8 @@ JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# What an input image may be (its media type -> the format): the output formats.
+INPUT_IMAGE_TYPES = {content_type: fmt for fmt, content_type in CONTENT_TYPES.items()}
 FILE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
@@ -100,6 +107,8 @@ KEY_PREFIX = "urae"
 RUNNING_JOBS_KEY = f"{KEY_PREFIX}:running"  # hash job id -> worker name, while a job runs
 WORKERS_KEY = f"{KEY_PREFIX}:workers"  # set of worker names that have ever heartbeaten
 ADAPTERS_KEY = f"{KEY_PREFIX}:adapters"  # hash adapter name -> JSON record
+# hash "<model>/<built-in name>" -> JSON description of its file (version, ranks, size), written by workers
+BUILTIN_ADAPTERS_KEY = f"{KEY_PREFIX}:builtin-adapters"
 JOB_COUNTS_KEY = f"{KEY_PREFIX}:metrics:jobs"  # hash status -> number of transitions into it
 STAGE_HISTOGRAM_PREFIX = f"{KEY_PREFIX}:metrics:stage:"
 STAGE_NAMES = ("queued", "text_encode", "denoise", "decode", "write")
@@ -172,8 +181,6 @@ DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("completed", "failed", "canc
 STATUS_WEBHOOK_EVENTS: dict[str, WebhookEvent] = {
     "started": "started", "finished": "completed", "failed": "failed", "canceled": "canceled",
 }
-WEBHOOK_QUEUE = f"{QUEUE_PREFIX}-webhooks"
-WEBHOOK_FUNCTION = "webhooks.delivery.deliver"
 MAX_WEBHOOK_URL_CHARS = 2000
 # -- previews ----------------------------------------------------------------------------------------
 MAX_PREVIEW_EVERY = MAX_STEPS
@@ -183,6 +190,21 @@ MAX_PREVIEW_EVERY = MAX_STEPS
 class AdapterWeight(BaseModel):
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)
     weight: float = Field(default=1.0, ge=ADAPTER_WEIGHT_RANGE[0], le=ADAPTER_WEIGHT_RANGE[1])
+
+
+class InputImage(BaseModel):
+    """An image-to-image job's input: an uploaded file (``key``, owned by the job: deleted when it
+    ends) or image ``index`` of an earlier finished job (``job``), read when the job runs."""
+
+    key: str | None = None
+    job: str | None = Field(default=None, pattern=JOB_ID_PATTERN)
+    index: int = Field(default=0, ge=0, lt=MAX_IMAGES)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputImage:
+        if (self.key is None) == (self.job is None):
+            raise ValueError("an input image is an uploaded key or a job's image, exactly one")
+        return self
 
 
 class GeneratePayload(BaseModel):
@@ -202,9 +224,31 @@ class GeneratePayload(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] = "png"
     # Registered adapter name -> the version the job was submitted with; the worker refuses another.
     adapter_versions: dict[str, str] = {}
-    # A preview every this many steps; 0: none; None: the worker's URAE_PREVIEW_EVERY.
+    # A preview every this many steps; 0: none; None: default_preview_every(URAE_PREVIEW_EVERY, steps).
     preview_every: int | None = Field(default=None, ge=0, le=MAX_PREVIEW_EVERY)
     tier: Tier = "quality"
+    # Image to image: the input, and the share of the schedule run over it (set whenever image is).
+    image: InputImage | None = None
+    strength: float | None = Field(default=None, gt=0.0, le=1.0)
+
+
+def input_upload_object(job_id: str, fmt: str) -> str:
+    """Storage key of an image-to-image job's uploaded input."""
+    return upload_object(job_id, f".input.{FILE_EXTENSIONS[fmt]}")
+
+
+def upload_job_id(key: str) -> str:
+    """The job that owns an object under ``uploads/`` (its name starts with the job's id)."""
+    return key.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def default_preview_every(setting: int, steps: int) -> int:
+    """The preview cadence of a request that does not choose one: ``URAE_PREVIEW_EVERY``, closer
+    together for short runs so that about four previews show the image forming before it is done:
+    min(setting, max(1, steps // 4)). 0 (previews off) stays off."""
+    if setting <= 0:
+        return 0
+    return min(setting, max(1, steps // 4))
 
 
 class AdapterImportPayload(BaseModel):

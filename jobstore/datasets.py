@@ -49,15 +49,17 @@ def register_dataset(conn: redis.Redis, name: str, owner: str, size_bytes: int, 
     return record
 
 
-def use_dataset(conn: redis.Redis, name: str, job_id: str) -> None:
-    """A fine-tune was queued with this dataset: remember the job and the time."""
+def use_dataset(conn: redis.Redis, name: str, job_id: str, pipeline: Any = None) -> None:
+    """A fine-tune was queued with this dataset: remember the job and the time (in ``pipeline``, the
+    transaction that queues the job, when given)."""
     record = get_dataset(conn, name)
-    pipe = conn.pipeline()
+    pipe = pipeline if pipeline is not None else conn.pipeline()
     if record is not None:
         record["last_used_at"] = time.time()
         pipe.hset(DATASETS_KEY, name, _dumps(record))
     pipe.sadd(dataset_jobs_key(name), job_id)
-    pipe.execute()
+    if pipeline is None:
+        pipe.execute()
 
 
 def active_jobs(conn: redis.Redis, name: str) -> list[str]:

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,10 +39,12 @@ from jobstore.contract import (
     job_lease_key,
     job_preview_key,
     job_webhook_throttle_key,
+    worker_key,
 )
 from jobstore.metrics import observe_stage
 from jobstore.queues import rq_queue, rq_queue_key
-from jobstore.webhook_targets import MAX_RECORDED_ATTEMPTS, enqueue_delivery
+from jobstore.webhook_deliveries import enqueue_delivery
+from jobstore.webhook_targets import MAX_RECORDED_ATTEMPTS
 
 log = logging.getLogger("urae.jobstore")
 
@@ -82,8 +84,80 @@ return 1
 """
 
 
+# Counts an owner's waiting jobs and, below the limit, holds a place for a new one (a record with
+# only its status, expiring unless the job is then written), in one step: concurrent submissions of
+# one key can never pass the limit together.
+_RESERVE_QUEUED = """
+local queued = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local status = redis.call('HGET', ARGV[3] .. id, 'status')
+  if status == 'queued' then
+    queued = queued + 1
+  elseif (not status) or string.find(ARGV[6], ',' .. status .. ',', 1, true) then
+    redis.call('SREM', KEYS[1], id)
+  end
+end
+if queued >= tonumber(ARGV[1]) then return queued end
+redis.call('HSET', KEYS[2], 'status', 'queued')
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('SADD', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return -1
+"""
+
+# Gives a held place back, unless the job was written after all (then it has its kind).
+_RELEASE_RESERVATION = """
+if redis.call('HEXISTS', KEYS[2], 'kind') == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[1], ARGV[1])
+return 1
+"""
+
+# How long a held place lasts when the API dies between holding it and writing the job.
+RESERVATION_TTL_S = 60
+
+# Jobs a worker took from a queue and has not started yet: RQ job id -> "worker\nqueue key\nms".
+# Taking is a non-blocking pop recorded here in the same step (never a blocking pop, which Redis
+# would answer for a frozen process too); a worker that stops heartbeating before it starts a job
+# has the job taken back (see take_back_claims).
+CLAIMS_KEY = f"{KEY_PREFIX}:claims"
+_CLAIM_NEXT = """
+for i = 1, #KEYS - 1 do
+  local id = redis.call('LPOP', KEYS[i])
+  if id then
+    redis.call('HSET', KEYS[#KEYS], id, ARGV[1] .. '\\n' .. KEYS[i] .. '\\n' .. ARGV[2])
+    return {KEYS[i], id}
+  end
+end
+return false
+"""
+# The worker starting a job must hold its claim (1), else it was taken back (0).
+_START_CLAIMED = """
+local claim = redis.call('HGET', KEYS[1], ARGV[1])
+if (not claim) or string.sub(claim, 1, string.len(ARGV[2]) + 1) ~= ARGV[2] .. '\\n' then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"""
+# Undo a claim that is still the one seen, and put a job that still waits back at the queue's front.
+_TAKE_BACK = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+
 class JobNotFound(KeyError):
     """No record for this job id (never existed, or expired)."""
+
+
+class QueuedLimitReached(Exception):
+    """The owner already has its maximum of jobs waiting; nothing was written."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"already {limit} jobs waiting")
+        self.limit = limit
 
 
 def new_job_id() -> str:
@@ -117,6 +191,11 @@ class JobRecords:
         self.result_ttl_s = result_ttl_s
         self._transition = conn.register_script(_TRANSITION)
         self._append_webhook_attempt = conn.register_script(_APPEND_WEBHOOK_ATTEMPT)
+        self._reserve_queued = conn.register_script(_RESERVE_QUEUED)
+        self._release_reservation = conn.register_script(_RELEASE_RESERVATION)
+        self._claim_next = conn.register_script(_CLAIM_NEXT)
+        self._start_claimed = conn.register_script(_START_CLAIMED)
+        self._take_back = conn.register_script(_TAKE_BACK)
 
     # -- create and read ---------------------------------------------------------------------------
     def create_and_enqueue(
@@ -130,11 +209,38 @@ class JobRecords:
         owner: str = "",
         timeout_s: int = 3600,
         webhook: dict[str, Any] | None = None,
+        max_queued: int = 0,
+        also: Callable[[Any], None] | None = None,
     ) -> dict[str, Any]:
         """Write a queued record and put the job on its RQ queue, in one transaction (one round trip).
 
-        Returns the record, with ``queue_length`` (the queue's length right after the push) added.
+        ``max_queued`` (> 0): the owner may have at most this many jobs waiting, this one included;
+        checked and held atomically first (QueuedLimitReached, nothing written). ``also`` adds commands
+        of the caller's to the same transaction. Returns the record, with ``queue_length`` (the
+        queue's length right after the push) added.
         """
+        if max_queued > 0:
+            held = self._reserve_queued(
+                keys=[owner_jobs_key(owner), job_key(job_id)],
+                args=[max_queued, job_id, job_key(""), self.result_ttl_s, RESERVATION_TTL_S * 1000,
+                      "," + ",".join(str(s) for s in TERMINAL_STATUSES) + ","],
+            )
+            if int(held) >= 0:
+                raise QueuedLimitReached(max_queued)
+        try:
+            return self._create(job_id, kind, queue, payload, priority, owner, timeout_s, webhook, also)
+        except BaseException:
+            if max_queued > 0:
+                try:
+                    self._release_reservation(keys=[owner_jobs_key(owner), job_key(job_id)], args=[job_id])
+                except redis.RedisError:
+                    pass  # the held place expires by itself
+            raise
+
+    def _create(
+        self, job_id: str, kind: JobKind, queue: str, payload: dict[str, Any], priority: str, owner: str,
+        timeout_s: int, webhook: dict[str, Any] | None, also: Callable[[Any], None] | None,
+    ) -> dict[str, Any]:
         # Only what a new job has; progress, timings, result and error appear as the job runs. The
         # record expires when the job ends (see transition).
         stored: dict[str, Any] = {
@@ -152,11 +258,14 @@ class JobRecords:
         pipe = self.conn.pipeline()
         pipe.multi()
         pipe.hset(job_key(job_id), mapping=self._encode(stored))  # type: ignore[arg-type]
+        pipe.persist(job_key(job_id))  # a held place expires; the job does not until it ends
         pipe.xadd(job_events_key(job_id), {"data": _QUEUED_EVENT})
         pipe.hincrby(JOB_COUNTS_KEY, str(JobStatus.QUEUED), 1)
         self._enqueue(job_id, job_id, kind, queue, payload, timeout_s, pipe)
         pipe.sadd(owner_jobs_key(owner), job_id)
         pipe.expire(owner_jobs_key(owner), self.result_ttl_s)
+        if also is not None:
+            also(pipe)
         pipe.llen(rq_queue_key(queue))
         queue_length = int(pipe.execute()[-1])
         return {**self._with_defaults({"id": job_id, **stored}), "queue_length": queue_length}
@@ -203,7 +312,9 @@ class JobRecords:
         return _text(value) if value is not None else None
 
     def queue_position(self, record: dict[str, Any]) -> int | None:
-        """0 = next to run. Jobs in higher-priority queues count as ahead of this one."""
+        """0 = next to run. Jobs in higher-priority queues count as ahead of this one. A job a worker
+        has taken from its queue but not started yet (a fine-tune worker forks its training process
+        first) is 0 too: it is out of the queue and still queued."""
         if record["status"] != JobStatus.QUEUED:
             return None
         queue = record["queue"]
@@ -212,9 +323,10 @@ class JobRecords:
         for name in ahead:
             pipe.llen(rq_queue_key(name))
         pipe.lpos(rq_queue_key(queue), record["rq_id"])
-        *lengths, position = pipe.execute()
+        pipe.hexists(CLAIMS_KEY, record["rq_id"])
+        *lengths, position, claimed = pipe.execute()
         if position is None:
-            return None
+            return 0 if claimed else None
         return int(sum(lengths) + position)
 
     # -- status changes ----------------------------------------------------------------------------
@@ -245,9 +357,19 @@ class JobRecords:
             self._notify_webhook(job_id, STATUS_WEBHOOK_EVENTS[str(new)], {"status": str(new), **details})
         return ok
 
-    def start(self, job_id: str, worker: str) -> dict[str, Any] | None:
+    def claim_next(self, queue_keys: list[str], worker: str) -> tuple[str, str] | None:
+        """Take the first job of the first non-empty queue for ``worker`` (queue key, RQ job id), and
+        record the claim in the same step; None when every queue is empty. Never blocks."""
+        taken: Any = self._claim_next(keys=[*queue_keys, CLAIMS_KEY], args=[worker, int(time.time() * 1000)])
+        return (_text(taken[0]), _text(taken[1])) if taken else None
+
+    def start(self, job_id: str, worker: str, rq_id: str | None = None) -> dict[str, Any] | None:
         """queued -> started; returns the started record, or None when the job was canceled (or taken)
-        meanwhile: then it must not run."""
+        meanwhile: then it must not run. With ``rq_id`` (a job taken by claim_next) the worker must
+        still hold its claim: a job taken back from a worker that stopped heartbeating runs elsewhere."""
+        if rq_id is not None and not self._start_claimed(keys=[CLAIMS_KEY], args=[rq_id, worker]):
+            log.warning("job %s was taken back from %s before it started; it runs on another worker", job_id, worker)
+            return None
         record = self.get(job_id)
         now = time.time()
         timings = dict(record.get("timings") or {})
@@ -311,13 +433,19 @@ class JobRecords:
         status = record["status"]
         if status in TERMINAL_STATUSES:
             return status
-        self.conn.set(job_cancel_key(job_id), b"1", ex=self.result_ttl_s)
+        # A waiting job is canceled in one step (a worker that takes it later is refused the start); a
+        # failure before that step leaves the job as it was, so an error answer means nothing changed.
         if status == JobStatus.QUEUED and self.transition(
             job_id, (JobStatus.QUEUED,), JobStatus.CANCELED, {"error": "canceled before it started"},
             ended_at=time.time(), error="canceled before it started",
         ):
-            rq_queue(self.conn, record["queue"]).remove(record["rq_id"])
+            try:
+                rq_queue(self.conn, record["queue"]).remove(record["rq_id"])
+            except redis.RedisError:
+                pass  # left in the queue, it is skipped when taken
             return JobStatus.CANCELED
+        # Running (or started meanwhile): it stops at its next step.
+        self.conn.set(job_cancel_key(job_id), b"1", ex=self.result_ttl_s)
         return self.status(job_id) or status
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -364,8 +492,8 @@ class JobRecords:
                 interval_ms = max(1, int(float(target.get("progress_interval_s", 5.0)) * 1000))
                 if not self.conn.set(job_webhook_throttle_key(job_id), b"1", nx=True, px=interval_ms):
                     return
-            kind = _text(self.conn.hget(job_key(job_id), "kind") or b"")
-            enqueue_delivery(self.conn, job_id, kind, target, event, data)
+            kind, owner = (_text(v or b"") for v in self.conn.hmget(job_key(job_id), ["kind", "owner"]))
+            enqueue_delivery(self.conn, job_id, kind, owner, target, event, data, self.result_ttl_s)
         except (redis.RedisError, ValueError, TypeError, KeyError):
             log.warning("job %s: webhook %s not queued", job_id, event, exc_info=True)
 
@@ -400,6 +528,25 @@ class JobRecords:
             stop.set()
             thread.join(timeout=5)
             self.conn.delete(key)
+
+    def take_back_claims(self, lease_ttl_s: float) -> list[str]:
+        """Put back at the front of its queue every job whose worker took it but has not heartbeaten for
+        ``lease_ttl_s`` (frozen, or dead) before starting it; forget claims of jobs no longer waiting.
+        Returns the ids of the jobs put back. Safe to run anywhere, any number of times."""
+        now_ms = time.time() * 1000
+        put_back: list[str] = []
+        for raw_id, raw_claim in self.conn.hgetall(CLAIMS_KEY).items():
+            rq_id, claim = _text(raw_id), _text(raw_claim)
+            worker, queue_key, taken_at = (claim.split("\n") + ["", "", "0"])[:3]
+            if now_ms - float(taken_at or 0) < lease_ttl_s * 1000:
+                continue
+            job_id = rq_id[:32]
+            if self.status(job_id) == JobStatus.QUEUED and self.conn.exists(worker_key(worker)):
+                continue  # a live worker about to start it
+            if self._take_back(keys=[CLAIMS_KEY, queue_key, job_key(job_id)], args=[rq_id, claim]) == 1:
+                log.warning("job %s went back to its queue: worker %s took it and stopped responding", job_id, worker)
+                put_back.append(job_id)
+        return put_back
 
     def reap_orphans(self, lease_ttl_s: float, retry: bool) -> list[str]:
         """Fail (or retry once) every started job whose runner's lease expired. Safe to run anywhere,

@@ -25,7 +25,9 @@ class SettingsError(Exception):
 class Settings(BaseSettings):
     """Every tunable of the service and the workers. See ``.env.example`` for one line per field."""
 
-    model_config = SettingsConfigDict(env_prefix="URAE_", env_file=".env", extra="ignore")
+    # An empty value (``URAE_CACHE_DIR=`` as in .env.example, or ``${VAR:-}`` in a compose file) means
+    # unset: the default, never Path("") == Path(".").
+    model_config = SettingsConfigDict(env_prefix="URAE_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     env: Literal["development", "production"] = "production"
     # Comma-separated API keys, or their SHA-256 hex digests (preferred: the keys never sit in the env).
@@ -75,6 +77,12 @@ class Settings(BaseSettings):
     compile: bool | None = None
     # Attention kernel: auto (the best the GPU offers: FA3, cuDNN, FA2, SDPA) or a diffusers backend name.
     attention_backend: str = "auto"
+    # How a generation worker fits the model in GPU memory: default, or 24gb (transformer weights in
+    # 8 bits, text encoders streamed from CPU memory, exact banded decode above 1K): 2K and 4K on 24 GB.
+    memory_profile: Literal["default", "24gb"] = "default"
+    # Requests without adapters: compute the adapter slots at weight 0 (compute), or skip them (skip:
+    # a second set of compiled graphs, built during the warm-up).
+    idle_adapter_slots: Literal["compute", "skip"] = "compute"
     # GPUs one generation worker drives for each image (diffusers' context parallelism): 1 is one GPU;
     # N spawns N-1 follower processes on GPUs 1..N-1. Ulysses (all-to-all of heads, N divides 24)
     # or ring (key/value blocks around the GPUs; needs a flash/cuDNN attention kernel).
@@ -121,11 +129,25 @@ class Settings(BaseSettings):
     # Request bodies of the JSON routes (the uploads have their own maxima above): refused past this
     # while the bytes arrive, before any parsing.
     max_json_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Image to image: the largest input image (decoded bytes of its data URL) POST /generate takes;
+    # its body may be this times 4/3 (base64) plus max_json_body_bytes.
+    max_input_image_bytes: int = Field(default=16 * 1024**2, ge=1024)
     # Request line and headers together, and their number: refused (431) before the app sees them.
     max_header_bytes: int = Field(default=64 * 1024, ge=4096)
     max_header_count: int = Field(default=100, ge=16)
     # SIGTERM: the API tells open event streams to reconnect and exits within this many seconds.
     api_shutdown_grace_s: float = Field(default=5.0, ge=0)
+    # Event streams (SSE) one API process keeps open at once: per API key (429 past it) and in all
+    # (503 past it; at most 3/4 of the connection bound). A waiting stream holds no Redis connection.
+    max_event_streams_per_key: int = Field(default=200, ge=1)
+    max_event_streams: int = Field(default=1000, ge=1)
+    # Connections the API's async Redis client opens at most (a request waits for a free one).
+    redis_max_connections: int = Field(default=50, ge=2)
+    # A client has this long to send a request's line and headers (a slow or silent one is cut off);
+    # the API keeps at most this many connections open (and never more than its open-file limit
+    # leaves room for): past it, the oldest connection still sending its headers is dropped, or 503.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=2048, ge=16)
 
     # Live previews of a generation: every this many denoising steps (0: off; a request may override),
     # this many pixels on the long side; a local tiny-autoencoder folder (e.g. taef1) decodes them
@@ -148,14 +170,19 @@ class Settings(BaseSettings):
     # them, or a comma-separated list of host names and networks (e.g. "hooks.internal,10.1.0.0/16").
     webhook_allow_private: bool = False
     webhook_allow_hosts: str = ""
-    # One attempt's time limit; failed attempts are retried with exponential backoff (first wait,
-    # doubling, capped) until this long after the first attempt, then given up.
+    # One attempt's time limit, all of it (connecting, sending, the answer's status); failed attempts
+    # are retried with exponential backoff (first wait, doubling, capped) until this long after the
+    # first attempt, then given up.
     webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
     webhook_backoff_s: float = Field(default=2.0, gt=0)
     webhook_backoff_max_s: float = Field(default=300.0, gt=0)
     webhook_retry_for_s: float = Field(default=3600.0, ge=0)
     # At most one progress webhook per job per this many seconds.
     webhook_progress_interval_s: float = Field(default=5.0, gt=0)
+    # Deliveries one webhook worker sends at once, and at once for one API key (fairness: one key's
+    # slow receivers never hold every sender).
+    webhook_concurrency: int = Field(default=16, ge=1, le=1000)
+    webhook_concurrency_per_key: int = Field(default=2, ge=1)
 
     @field_validator("webhook_secret")
     @classmethod
@@ -239,10 +266,19 @@ def hash_api_key(key: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process's settings, read once from the environment. Raises SettingsError."""
+class BackendSettings(Settings):
+    """The settings of a process that answers no HTTP request (generation and fine-tune workers, the
+    webhook sender): the API's, less its refusal to start without API keys, so such a host needs (and
+    should hold) no keys."""
+
+    @model_validator(mode="after")
+    def _refuse_insecure_defaults(self) -> BackendSettings:
+        return self
+
+
+def _load(settings_class: type[Settings]) -> Settings:
     try:
-        return Settings()
+        return settings_class()
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -250,3 +286,13 @@ def get_settings() -> Settings:
             field = ".".join(str(p) for p in error["loc"])
             problems.append(f"URAE_{field.upper()}: {message}" if field else message)
         raise SettingsError("; ".join(problems)) from None
+
+
+def get_settings() -> Settings:
+    """The API process's settings, read once from the environment. Raises SettingsError."""
+    return _load(Settings)
+
+
+def get_backend_settings() -> Settings:
+    """A worker's or the webhook sender's settings (no API keys needed). Raises SettingsError."""
+    return _load(BackendSettings)

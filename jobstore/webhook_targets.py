@@ -1,38 +1,23 @@
-"""Webhook targets: which URLs may receive a job's events, and queueing a delivery of one event.
+"""Webhook targets: which URLs may receive a job's events, and how a URL is shown.
 
-Shared by the API (refuses a bad URL at submit), the job records (queue a delivery where a job's
-status changes) and the webhook worker (checks the URL again at delivery, against DNS rebinding).
-Imports no HTTP client: delivery itself is ``webhooks.delivery``.
+Shared by the API (refuses a bad URL at submit, shows it without its credentials) and the webhook
+worker (checks the URL again at delivery, against DNS rebinding). Imports no HTTP client: delivery
+itself is ``webhooks.delivery``; deliveries wait in ``jobstore.webhook_deliveries``.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
-import time
-import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-import redis
-
-from jobstore.contract import (
-    DEFAULT_WEBHOOK_EVENTS,
-    MAX_WEBHOOK_URL_CHARS,
-    WEBHOOK_EVENTS,
-    WEBHOOK_FUNCTION,
-    WEBHOOK_QUEUE,
-)
-from jobstore.queues import rq_queue
+from jobstore.contract import DEFAULT_WEBHOOK_EVENTS, MAX_WEBHOOK_URL_CHARS, WEBHOOK_EVENTS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# An RQ delivery job's own time limit (one attempt: connect + send + read the answer, with slack).
-DELIVERY_JOB_TIMEOUT_S = 120
 # Attempts kept in a job record; the backoff bounds them long before this.
 MAX_RECORDED_ATTEMPTS = 100
 
@@ -55,16 +40,65 @@ def parse_allow_list(text: str) -> tuple[set[str], list[IPNetwork]]:
     return hosts, networks
 
 
-def _unmapped(ip: IPAddress) -> IPAddress:
-    """An IPv4-mapped IPv6 address (::ffff:a.b.c.d) as the IPv4 address it reaches."""
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return mapped if mapped is not None else ip
+# IPv6 ranges that carry an IPv4 address (RFC 4291, 2765, 6052, 8215, 3056, 4380): a connection to
+# such an address reaches that IPv4 address (through the host's stack or a translator), so the IPv4
+# address is what must be public. NAT64's local-use prefix may be any of RFC 6052's lengths inside it.
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+
+
+def _rfc6052_ipv4(ip: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv4Address:
+    """The IPv4 address embedded after a NAT64 prefix of ``prefix_length`` bits (RFC 6052, 2.2):
+    its 32 bits follow the prefix, skipping bits 64-71 (the "u" octet)."""
+    bits = int(ip)
+    if prefix_length == 96:
+        return ipaddress.IPv4Address(bits & 0xFFFFFFFF)
+    without_u = ((bits >> 64) << 56) | (bits & ((1 << 56) - 1))  # 120 bits: bits 64-71 taken out
+    return ipaddress.IPv4Address((without_u >> (120 - prefix_length - 32)) & 0xFFFFFFFF)
+
+
+def embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address an IPv6 address embeds (mapped, compatible, translated, NAT64, 6to4,
+    Teredo server and client, ISATAP); empty for an IPv4 address or a plain IPv6 one."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return []
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    found: list[ipaddress.IPv4Address] = []
+    if any(ip in net for net in (_IPV4_MAPPED, _IPV4_COMPATIBLE, _IPV4_TRANSLATED, _NAT64_WELL_KNOWN)):
+        found.append(low32)
+    if ip in _NAT64_LOCAL_USE:
+        found += [_rfc6052_ipv4(ip, length) for length in (48, 56, 64, 96)]
+    if ip in _SIX_TO_FOUR and ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip in _TEREDO and ip.teredo is not None:
+        found += list(ip.teredo)  # the server, and the client's (obfuscated) address
+    if (int(ip) >> 32) & 0xFDFFFFFF == 0x00005EFE:  # ISATAP interface id: [02]00:5efe:a.b.c.d
+        found.append(low32)
+    return list(dict.fromkeys(found))
+
+
+def reached_addresses(ip: IPAddress) -> list[IPAddress]:
+    """What a connection to ``ip`` reaches: the address itself and every IPv4 address it embeds (an
+    IPv4-mapped address is only its IPv4 address: it never leaves the host as IPv6)."""
+    embedded: list[IPAddress] = list(embedded_ipv4(ip))
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return embedded
+    return [ip, *embedded]
 
 
 def _public(ip: IPAddress) -> bool:
-    ip = _unmapped(ip)
     # is_global is False for private, loopback, link-local, shared (CGNAT), reserved and documentation ranges.
     return ip.is_global and not ip.is_multicast
+
+
+def _allowed(ip: IPAddress, networks: list[IPNetwork]) -> bool:
+    """Every address ``ip`` reaches is public or inside an allowed network."""
+    return all(_public(r) or any(r in network for network in networks) for r in reached_addresses(ip))
 
 
 def resolve_webhook_url(
@@ -82,7 +116,7 @@ def resolve_webhook_url(
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
-        raise WebhookUrlError(f"is not a valid URL ({exc})") from None
+        raise WebhookUrlError(f"is not a valid URL ({scrub(str(exc), url)})") from None
     if parts.scheme not in ("http", "https"):
         raise WebhookUrlError("must be an http:// or https:// URL")
     host = (parts.hostname or "").rstrip(".")
@@ -105,12 +139,60 @@ def resolve_webhook_url(
     if host.lower() in allowed_hosts:
         return addresses
     for ip in addresses:
-        if not _public(ip) and not any(_unmapped(ip) in network for network in allowed_networks):
+        if not _allowed(ip, allowed_networks):
+            inner = [str(r) for r in reached_addresses(ip) if r != ip]
+            reaches = f" (which reaches {', '.join(inner)})" if inner else ""
             raise WebhookUrlError(
-                f"host {host!r} resolves to {ip}, a private, loopback, link-local or reserved address "
+                f"host {host!r} resolves to {ip}{reaches}, a private, loopback, link-local or reserved address "
                 "(allowed only by URAE_WEBHOOK_ALLOW_PRIVATE or URAE_WEBHOOK_ALLOW_HOSTS)"
             )
     return addresses
+
+
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """A webhook URL as answers and logs show it: the user name and password (any user info), the value
+    of every query parameter and the fragment replaced by ``***``; scheme, host, port and path kept."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that cannot be parsed)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
+    query = "&".join(
+        f"{name}={REDACTED}" if has_value else REDACTED
+        for name, has_value, _ in (p.partition("=") for p in parts.query.split("&") if p)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, REDACTED if parts.fragment else ""))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of a URL that ``redact_url`` hides (raw and percent-decoded), longest first."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return [url]
+    found: set[str] = set()
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        found.update((userinfo, *userinfo.split(":", 1)))
+    for piece in parts.query.split("&"):
+        name, has_value, value = piece.partition("=")
+        found.add(value if has_value else name)
+    found.add(parts.fragment)
+    found |= {unquote(s) for s in found}
+    # Shorter strings are no secret worth the name, and replacing them would garble any message.
+    return sorted((s for s in found if len(s) >= 4), key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (an error message, a log line) with every secret of ``url`` replaced by ``***``."""
+    for secret in url_secrets(url):
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def webhook_target(url: str, events: Iterable[str] | None, progress_interval_s: float) -> dict[str, Any]:
@@ -122,27 +204,3 @@ def webhook_target(url: str, events: Iterable[str] | None, progress_interval_s: 
     if unknown:
         raise WebhookUrlError(f"unknown webhook event {unknown[0]!r}; choose from {', '.join(WEBHOOK_EVENTS)}")
     return {"url": url, "events": chosen, "progress_interval_s": progress_interval_s}
-
-
-def enqueue_delivery(
-    conn: redis.Redis, job_id: str, kind: str, target: dict[str, Any], event: str, data: dict[str, Any],
-    pipeline: Any = None,
-) -> str:
-    """Queue the delivery of one event to the job's webhook (on its own queue); the message id.
-
-    The body is fixed here, once: every attempt sends the same bytes under the same ``webhook-id``,
-    so a receiver can drop duplicates.
-    """
-    message_id = f"msg_{uuid.uuid4().hex}"
-    body = json.dumps(
-        {"type": f"job.{event}", "timestamp": datetime.now(UTC).isoformat(),
-         "data": {"id": job_id, "kind": kind, **data}},
-        separators=(",", ":"), default=str,
-    )
-    delivery = {"job_id": job_id, "event": event, "url": target["url"], "message_id": message_id, "body": body,
-                "attempt": 1, "first_attempt_at": time.time()}
-    rq_queue(conn, WEBHOOK_QUEUE).enqueue_call(
-        WEBHOOK_FUNCTION, args=(delivery,), timeout=DELIVERY_JOB_TIMEOUT_S, result_ttl=600, failure_ttl=24 * 3600,
-        description=f"webhook {event} {job_id}", pipeline=pipeline,
-    )
-    return message_id

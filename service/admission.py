@@ -22,6 +22,7 @@ from jobstore.settings import Settings
 from jobstore.usage import usage
 from jobstore.workers import live_workers
 from service.auth import Principal
+from service.json_bodies import parse_bounded
 
 
 class ApiError(Exception):
@@ -46,6 +47,15 @@ def field_path(loc: Iterable[str | int]) -> str:
     return path
 
 
+def parse_json_field(text: str, field: str) -> Any:
+    """A JSON value sent as text (a form field); 422 naming the field for anything refused: bad syntax,
+    nesting deeper than MAX_JSON_DEPTH, integers longer than Python converts."""
+    try:
+        return parse_bounded(text)
+    except ValueError as exc:
+        raise ApiError(422, f"{field}: {exc}", field=field) from None
+
+
 def check_adapters_exist(
     conn: redis.Redis, names: list[str], principal: Principal | None = None, field: str = "adapters[{index}].name"
 ) -> dict[str, str]:
@@ -68,15 +78,23 @@ def check_adapters_exist(
     return versions
 
 
+def queued_limit_error(settings: Settings) -> ApiError:
+    """429: the key already has its maximum of jobs waiting."""
+    limit = settings.max_queued_jobs_per_key
+    return ApiError(
+        429,
+        f"this API key already has {limit} jobs waiting (URAE_MAX_QUEUED_JOBS_PER_KEY); retry when some have started",
+        headers={"Retry-After": str(settings.retry_after_s)},
+    )
+
+
 def check_queued_per_key(records: JobRecords, principal: Principal, settings: Settings) -> None:
-    """429 with Retry-After when this key already has its maximum of jobs waiting."""
+    """429 with Retry-After when this key already has its maximum of jobs waiting: the early answer,
+    before an upload is read. The exact check is the one ``create_and_enqueue(max_queued=...)`` makes
+    atomically when the job is written."""
     limit = settings.max_queued_jobs_per_key
     if limit and records.queued_count(principal.key_id) >= limit:
-        raise ApiError(
-            429,
-            f"this API key already has {limit} jobs waiting (URAE_MAX_QUEUED_JOBS_PER_KEY); retry when some have started",
-            headers={"Retry-After": str(settings.retry_after_s)},
-        )
+        raise queued_limit_error(settings)
 
 
 def storage_left(conn: redis.Redis, principal: Principal, settings: Settings) -> int | None:

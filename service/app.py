@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
@@ -21,14 +22,23 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobstore.datasets import sweep_unused_datasets
-from jobstore.jobs import JobRecords
+from jobstore.jobs import JobRecords, QueuedLimitReached
 from jobstore.queues import connect
-from jobstore.retention import sweep_expired_outputs
+from jobstore.retention import sweep_expired_outputs, sweep_orphaned_uploads
 from jobstore.settings import Settings, get_settings
 from jobstore.storage import Storage, StorageKeyError, StorageUnavailable, open_storage
-from service.admission import ApiError, WorkerDirectory, field_path
+from service.admission import ApiError, WorkerDirectory, field_path, queued_limit_error
 from service.auth import AuthMiddleware
-from service.limits import BodyLimitMiddleware, BodyLimits, bounded_httptools_protocol
+from service.event_streams import EventHub
+from service.json_bodies import json_problem
+from service.limits import (
+    UPLOAD_THREADS,
+    BodyLimitMiddleware,
+    BodyLimits,
+    bounded_httptools_protocol,
+    effective_max_connections,
+    max_event_streams,
+)
 from service.routers import adapters, config, datasets, finetune, generate, health, jobs, playground
 from service.uploads import DISK_FULL_ERRNOS
 
@@ -58,11 +68,15 @@ def _reaper(records: JobRecords, storage: Storage, settings: Settings, stop: thr
         try:
             for job_id in records.reap_orphans(settings.lease_ttl_s, settings.retry_orphaned_jobs):
                 log.warning("job %s lost its worker", job_id)
+            records.take_back_claims(settings.lease_ttl_s)
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + OUTPUT_SWEEP_INTERVAL_S
                 removed = sweep_expired_outputs(records.conn, storage, settings.result_ttl_s)
                 if removed:
                     log.info("deleted the images of %d expired job(s)", len(removed))
+                uploads = sweep_orphaned_uploads(records.conn, storage)
+                if uploads:
+                    log.info("deleted %d upload(s) of ended jobs", len(uploads))
                 unused = sweep_unused_datasets(records.conn, storage, settings.dataset_ttl_s)
                 if unused:
                     log.info("deleted %d dataset(s) unused for %d s: %s", len(unused), settings.dataset_ttl_s, unused)
@@ -92,6 +106,11 @@ def _notice_shutdown() -> asyncio.Event:
     return event
 
 
+async def _end_streams_on_shutdown(app: FastAPI) -> None:
+    await app.state.shutting_down.wait()
+    app.state.event_hub.shut_down()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API. ``settings`` default to the environment (URAE_*)."""
     settings = settings or get_settings()
@@ -102,16 +121,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("OPEN DEVELOPMENT MODE: no API keys configured, every request is accepted")
         app.state.settings = settings
         app.state.redis = connect(settings.redis_url, settings.redis_socket_timeout_s)
-        # SSE blocks on reads for up to the keep-alive interval, so its socket timeout is longer.
-        app.state.aredis = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.sse_keepalive_s + settings.redis_socket_timeout_s,
+        # Short commands only (event streams wait on the hub's own connection): a bounded pool, where a
+        # request waits briefly for a free connection instead of failing.
+        app.state.aredis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections,
+            timeout=settings.redis_socket_timeout_s, socket_timeout=settings.redis_socket_timeout_s,
             socket_connect_timeout=settings.redis_socket_timeout_s,
+        ))
+        app.state.event_hub = EventHub(
+            settings.redis_url, settings.redis_socket_timeout_s, max_streams=max_event_streams(settings),
+            max_streams_per_key=settings.max_event_streams_per_key, retry_after_s=settings.retry_after_s,
         )
+        app.state.upload_threads = anyio.CapacityLimiter(UPLOAD_THREADS)
         app.state.records = JobRecords(app.state.redis, settings.result_ttl_s)
         app.state.storage = open_storage(settings)
         app.state.workers = WorkerDirectory(settings.worker_info_cache_s)
         app.state.shutting_down = _notice_shutdown()
+        tell_streams = asyncio.get_running_loop().create_task(_end_streams_on_shutdown(app))
         stop = threading.Event()
         reaper = threading.Thread(
             target=_reaper, args=(app.state.records, app.state.storage, settings, stop), name="reaper", daemon=True
@@ -122,6 +148,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             stop.set()
             reaper.join(timeout=5)
+            tell_streams.cancel()
+            await app.state.event_hub.close()
             await app.state.aredis.aclose()
             app.state.redis.close()
 
@@ -166,6 +194,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = f"{field}: {reason}" if field else reason
         return JSONResponse({"detail": detail, "field": field, "errors": _plain(errors)}, 422)
 
+    @app.exception_handler(QueuedLimitReached)
+    async def queued_limit(request: Request, _: QueuedLimitReached) -> JSONResponse:
+        error = queued_limit_error(request.app.state.settings)
+        return JSONResponse({"detail": error.detail}, error.status, headers=error.headers)
+
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
     async def redis_down(_: Request, exc: Exception) -> JSONResponse:
@@ -187,6 +220,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
             log.error("storage full while reading the body of %s %s", request.method, request.url.path)
             return JSONResponse(DISK_FULL_BODY, 507, headers={"Retry-After": str(DISK_FULL_RETRY_S)})
+        # A JSON body the parser gave up on (nested deeper than it recurses, an integer longer than
+        # Python converts): the client's input, named like any other unreadable body.
+        content_type = request.headers.get("content-type", "")
+        if exc.status_code == 400 and isinstance(cause, RecursionError | ValueError) and (
+                not content_type or "json" in content_type):
+            return JSONResponse({"detail": f"body: {json_problem(cause)}", "field": "body"}, 422)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(StorageUnavailable)
@@ -225,8 +264,10 @@ def main() -> None:
     port = int(os.environ.get("URAE_API_PORT", "8000"))
     uvicorn.run(
         create_app(settings), host=host, port=port, log_level="info",
-        # uvicorn bounds neither the size of the request headers nor, without this, the shutdown.
-        http=bounded_httptools_protocol(settings.max_header_bytes),
+        # uvicorn bounds neither the size of the request headers, nor the time to send them, nor the
+        # connections open at once, nor, without this, the shutdown.
+        http=bounded_httptools_protocol(settings.max_header_bytes, settings.header_timeout_s,
+                                        effective_max_connections(settings)),
         timeout_graceful_shutdown=max(1, math.ceil(settings.api_shutdown_grace_s)),
     )
 

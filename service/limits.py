@@ -9,13 +9,18 @@ the bounds live below the app:
   limit (Starlette's form parser then closes its temp files) and answered 413; too many headers are
   answered 431. Any answer given before the body was read to its end (these, a 401) closes the
   connection, so the rest of the body is never read.
-- ``BoundedHttpToolsProtocol``: uvicorn's httptools protocol with a bound on the bytes of the request
-  line and headers (uvicorn has none), so a 128 MB header cannot stall the event loop.
+- ``BoundedHttpToolsProtocol``: uvicorn's httptools protocol with bounds on the bytes of the request
+  line and headers, on the time to send them, and on the connections open at once (uvicorn has none
+  of them), so a 128 MB header cannot stall the event loop and thousands of slow or silent sockets
+  cannot take the process's file descriptors.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import resource
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +50,7 @@ class BodyLimits:
     """The largest body each route accepts; every route not listed gets ``json``."""
 
     json: int
+    generate: int
     adapter_upload: int
     dataset_upload: int
     max_header_count: int
@@ -53,12 +59,16 @@ class BodyLimits:
     def from_settings(cls, settings: Settings) -> BodyLimits:
         return cls(
             json=settings.max_json_body_bytes,
+            # An input image travels base64-encoded in the JSON body: 4 characters per 3 bytes.
+            generate=-(-settings.max_input_image_bytes * 4 // 3) + settings.max_json_body_bytes,
             adapter_upload=settings.max_adapter_bytes + MULTIPART_OVERHEAD_BYTES,
             dataset_upload=settings.max_dataset_bytes + MULTIPART_OVERHEAD_BYTES,
             max_header_count=settings.max_header_count,
         )
 
     def for_route(self, method: str, path: str) -> int:
+        if method == "POST" and path.rstrip("/") == "/generate":
+            return self.generate
         if method == "POST" and path.rstrip("/") == "/adapters":
             return self.adapter_upload
         if method == "POST" and path.rstrip("/") in ("/finetune", "/datasets"):
@@ -143,7 +153,7 @@ class BodyLimitMiddleware:
                 # Whatever the app made of the cut body (a 400 for a broken form, a 422), the answer is 413.
                 if not response_started and message["type"] == "http.response.start":
                     response_started = True
-                    await _refuse(send, 413, too_large)
+                    await _refuse(send, 413, too_large, field="body")
                 return
             if message["type"] == "http.response.start":
                 response_started = True
@@ -157,17 +167,66 @@ class BodyLimitMiddleware:
             await self.app(scope, bounded_receive, guarded_send)
         except BodyTooLarge:
             if not response_started:
-                await _refuse(send, 413, too_large)
+                await _refuse(send, 413, too_large, field="body")
 
 
-def bounded_httptools_protocol(max_header_bytes: int) -> type:
-    """uvicorn's httptools protocol, refusing (431) a request line plus headers over ``max_header_bytes``."""
+# File descriptors the API keeps for itself beyond client connections: Redis connections (the thread
+# pool's and the async pool's), storage and temp files, logs.
+FD_RESERVE = 256
+# Pool threads that upload checks (spooling, archive extraction, header parsing, storing) may use at
+# once, over every upload route: a burst of uploads waits for them without holding a thread, and
+# never takes the pool from light requests.
+UPLOAD_THREADS = 4
+
+
+def effective_max_connections(settings: Settings) -> int:
+    """URAE_MAX_CONNECTIONS, lowered to what the process's open-file limit leaves room for."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return settings.max_connections
+    return max(16, min(settings.max_connections, soft - FD_RESERVE))
+
+
+def max_event_streams(settings: Settings) -> int:
+    """URAE_MAX_EVENT_STREAMS, at most 3/4 of the connection bound: streams never take every connection."""
+    return max(1, min(settings.max_event_streams, effective_max_connections(settings) * 3 // 4))
+
+
+def bounded_httptools_protocol(
+    max_header_bytes: int, header_timeout_s: float | None = None, max_connections: int | None = None
+) -> type:
+    """uvicorn's httptools protocol, with bounds uvicorn does not have:
+
+    - a request line plus headers over ``max_header_bytes`` is refused (431) as it arrives;
+    - a client that has not sent a request's headers ``header_timeout_s`` after connecting (or after
+      its previous answer) is cut off (408 when it had started, silently when it sent nothing);
+    - at most ``max_connections`` connections are open: one more makes the connection that has waited
+      longest for its headers go (an idle keep-alive or a slow client), or, when every connection is
+      busy with a request, is answered 503 with Retry-After and closed.
+    """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc]
         _awaiting_headers = True
         _header_bytes = 0
         _refused = False
+        # Since when (monotonic) the connection waits for a request's headers; None while one runs.
+        _waiting_since: float | None = None
+        _request_started = False
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            if max_connections is not None and len(self.connections) > max_connections:
+                if not self._drop_longest_waiting():
+                    self._answer_and_close(503, "Service Unavailable", "the server has its maximum of open connections; "
+                                           "retry later", retry_after=True)
+                    return
+            self._wait_for_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -176,25 +235,72 @@ def bounded_httptools_protocol(max_header_bytes: int) -> type:
                 # Checked on what arrived before this chunk: the headers plus at most one read
                 # (asyncio reads at most 256 KiB) are ever buffered.
                 if self._header_bytes > max_header_bytes:
-                    self._refuse_headers()
+                    self._answer_and_close(431, "Request Header Fields Too Large",
+                                           f"the request line and headers exceed {max_header_bytes} bytes")
                     return
                 self._header_bytes += len(data)
+            if self._waiting_since is not None:
+                self._request_started = True
             super().data_received(data)
 
         def on_headers_complete(self) -> None:
             self._awaiting_headers = False
             self._header_bytes = 0
+            self._stop_waiting()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._awaiting_headers = True
 
-        def _refuse_headers(self) -> None:
-            payload = json.dumps({"detail": f"the request line and headers exceed {max_header_bytes} bytes"}).encode()
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and not self.pipeline:
+                self._wait_for_headers()
+
+        def _wait_for_headers(self) -> None:
+            self._stop_waiting()
+            self._waiting_since = time.monotonic()
+            self._request_started = False
+            if header_timeout_s is not None:
+                self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _stop_waiting(self) -> None:
+            self._waiting_since = None
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self._waiting_since is not None and not self.transport.is_closing():
+                self._drop()
+
+        def _drop(self) -> None:
+            """End a connection that is waiting for headers: 408 when a request had begun."""
+            if self._request_started:
+                self._answer_and_close(408, "Request Timeout",
+                                       f"the request line and headers did not arrive within {header_timeout_s:g} s")
+            else:
+                self._stop_waiting()
+                self._refused = True
+                self.transport.close()
+
+        def _drop_longest_waiting(self) -> bool:
+            waiting: list[Any] = [c for c in self.connections if c is not self
+                                  and getattr(c, "_waiting_since", None) is not None and not c.transport.is_closing()]
+            if not waiting:
+                return False
+            min(waiting, key=lambda c: c._waiting_since)._drop()
+            return True
+
+        def _answer_and_close(self, status: int, reason: str, detail: str, retry_after: bool = False) -> None:
+            self._stop_waiting()
+            payload = json.dumps({"detail": detail}).encode()
+            extra = b"retry-after: 1\r\n" if retry_after else b""
             self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                b"connection: close\r\ncontent-length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+                f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n".encode() + extra
+                + b"connection: close\r\ncontent-length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
             )
             self.transport.close()
             self._refused = True

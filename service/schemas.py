@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from jobstore.contract import (
     ADAPTER_NAME_PATTERN,
     ASPECT_RATIOS,
+    DEFAULT_STRENGTH,
+    JOB_ID_PATTERN,
     MAX_ADAPTERS_PER_REQUEST,
     MAX_GUIDANCE,
     MAX_IMAGES,
@@ -29,10 +39,27 @@ from jobstore.contract import (
     preset_for_pixels,
     preset_size,
 )
+from service.prompts import has_visible_text
+
+
+class ImageRef(BaseModel):
+    """Image ``index`` of one of the caller's own finished generation jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job: str = Field(pattern=JOB_ID_PATTERN, description="the job's id (32 lower-case hex digits)")
+    index: int = Field(default=0, ge=0, lt=MAX_IMAGES)
+
+
+STRENGTH_DESCRIPTION = (
+    "Image to image: the share of the schedule run over the input image, 0 < strength <= 1 (1: from noise, "
+    f"the input only sets the framing). Only with an image; default {DEFAULT_STRENGTH}"
+)
 
 
 class GenerateRequest(BaseModel):
-    """A text-to-image request: a preset with an aspect ratio, or an explicit width and height."""
+    """A text-to-image request: a preset with an aspect ratio, or an explicit width and height; with
+    ``image``, image to image (the input is fitted to the size: scaled to cover it, centre-cropped)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -41,6 +68,10 @@ class GenerateRequest(BaseModel):
                 {"prompt": "a lighthouse at dawn, ultra detailed", "preset": "2k", "aspect_ratio": "16:9", "seed": 7},
                 {"prompt": "a red fox", "width": 256, "height": 256, "steps": 4, "num_images": 2,
                  "adapters": [{"name": "my-style", "weight": 0.8}], "output_format": "webp", "priority": "high"},
+                {"prompt": "a lighthouse at dawn", "preset": "2k", "image": "data:image/png;base64,iVBORw0KGgo...",
+                 "strength": 0.6},
+                {"prompt": "a lighthouse at dawn", "preset": "4k",
+                 "image": {"job": "3f2a9c0e8b7d4f1a9e6c5b4a3d2e1f00", "index": 0}, "strength": 0.5},
             ]
         },
     )
@@ -66,7 +97,8 @@ class GenerateRequest(BaseModel):
     )
     preview_every: int | None = Field(
         default=None, ge=0, le=MAX_PREVIEW_EVERY,
-        description="A live preview (event: preview) every this many steps; 0: none. Default: the server's",
+        description="A live preview (event: preview) every this many steps; 0: none. Default: the server's "
+        "URAE_PREVIEW_EVERY, closer together for short runs: min(URAE_PREVIEW_EVERY, max(1, steps // 4))",
     )
     webhook: str | None = Field(
         default=None, min_length=1, max_length=MAX_WEBHOOK_URL_CHARS,
@@ -75,20 +107,56 @@ class GenerateRequest(BaseModel):
     webhook_events: list[WebhookEvent] | None = Field(
         default=None, max_length=5, description="Which events the webhook receives. Default: completed, failed, canceled",
     )
+    image: str | ImageRef | None = Field(
+        default=None,
+        description="Image to image: a data: URL (data:image/png|jpeg|webp;base64,...) of at most "
+        "URAE_MAX_INPUT_IMAGE_BYTES and 8192x8192 pixels, or {\"job\": id, \"index\": n}: an image of one of "
+        "your finished generation jobs",
+    )
+    strength: float | None = Field(default=None, gt=0.0, le=1.0, description=STRENGTH_DESCRIPTION)
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _image_form(cls, value: Any) -> Any:
+        # One message per form instead of one per member of the union.
+        if value is None or isinstance(value, str | ImageRef):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError('must be a data: URL or {"job": id, "index": n}')
+        try:
+            return ImageRef.model_validate(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where + ': ' if where else ''}{first['msg']}") from None
+
+    @field_validator("strength")
+    @classmethod
+    def _strength_needs_image(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # image is declared first: validated (or refused) by now.
+        if value is not None and "image" in info.data and info.data["image"] is None:
+            raise ValueError("applies to an input image, and none was given")
+        return value
 
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
+        if not has_visible_text(value):
+            raise ValueError("must not be blank (it has no visible character)")
         return value
 
     @field_validator("aspect_ratio")
     @classmethod
-    def _known_ratio(cls, value: str) -> str:
-        if value not in ASPECT_RATIOS:
-            raise ValueError(f"must be one of {', '.join(ASPECT_RATIOS)}")
-        return value
+    def _known_ratio(cls, value: str, info: ValidationInfo) -> str:
+        if value in ASPECT_RATIOS:
+            return value
+        if info.context and info.context.get("any_aspect_ratio"):
+            # A refine keeps its draft's exact framing (W:H in lowest terms), within the library's 4:1.
+            w, _, h = value.partition(":")
+            if w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0 and max(int(w) / int(h), int(h) / int(w)) <= 4:
+                return value
+            raise ValueError(f"{value!r}: the draft's aspect ratio is beyond 4:1")
+        raise ValueError(f"must be one of {', '.join(ASPECT_RATIOS)}")
 
     @field_validator("adapters")
     @classmethod
@@ -106,6 +174,12 @@ class GenerateRequest(BaseModel):
             raise ValueError(pixel_limit_error(self.width, self.height))
         return self
 
+    def input_strength(self) -> float | None:
+        """The strength the job runs with: the request's, the default with an image, None without."""
+        if self.image is None:
+            return None
+        return self.strength if self.strength is not None else DEFAULT_STRENGTH
+
     def size(self) -> tuple[int, int]:
         """The image size this request produces."""
         if self.width is not None and self.height is not None:
@@ -117,6 +191,39 @@ class GenerateRequest(BaseModel):
             return self.preset
         width, height = self.size()
         return preset_for_pixels(width * height)
+
+
+class RefineRequest(BaseModel):
+    """Make one image of a finished generation again at another size (image to image from it)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"preset": "4k"}, {"preset": "2k", "strength": 0.5, "index": 1},
+                                        {"width": 2048, "height": 1152, "tier": "fast"}]},
+    )
+
+    preset: Literal["1k", "2k", "4k"] | None = Field(
+        default=None, description="Target preset; the size keeps the draft's aspect ratio. Or width and height")
+    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+    strength: float | None = Field(default=None, gt=0.0, le=1.0, description=STRENGTH_DESCRIPTION)
+    index: int = Field(default=0, ge=0, lt=MAX_IMAGES, description="Which image of the draft")
+    tier: Tier | None = Field(default=None, description="Default: the draft's")
+    priority: Priority = "normal"
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(default=None, description="Default: the draft's")
+    preview_every: int | None = Field(default=None, ge=0, le=MAX_PREVIEW_EVERY)
+    webhook: str | None = Field(default=None, min_length=1, max_length=MAX_WEBHOOK_URL_CHARS)
+    webhook_events: list[WebhookEvent] | None = Field(default=None, max_length=5)
+
+    @model_validator(mode="after")
+    def _target(self) -> RefineRequest:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height go together: give both or neither")
+        if (self.preset is None) == (self.width is None):
+            raise ValueError("give the target size: a preset, or width and height (one of the two)")
+        if self.width is not None and self.height is not None and self.width * self.height > MAX_PIXELS:
+            raise ValueError(pixel_limit_error(self.width, self.height))
+        return self
 
 
 class Links(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import lzma
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import tarfile
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -50,6 +52,14 @@ MAX_CAPTION_BYTES = 1024 * 1024
 _MEMBER_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,199}$")
 _CHUNK = 1024 * 1024
 
+
+# What zipfile, tarfile and the decompressors raise on damaged input, besides OSError (bz2, gzip):
+# an encrypted member (RuntimeError), a compression method Python lacks (NotImplementedError), bad
+# deflate or LZMA data, a truncated stream, broken headers and field values.
+DAMAGED_ARCHIVE_ERRORS = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, RuntimeError, NotImplementedError,
+    lzma.LZMAError, zlib.error, struct.error, ValueError, OverflowError,
+)
 
 # A write that failed for lack of space (disk, quota, file size limit) rather than bad input.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -304,15 +314,15 @@ def _open_members(path: Path, stack: ExitStack, limits: ArchiveLimits) -> Iterat
         _zip_entry_count(path, limits)
         return _zip_members(stack.enter_context(zipfile.ZipFile(path)))
     try:
-        # First the headers alone, counted as they are read; only an archive within the count is
-        # then read again and extracted.
-        with tarfile.open(path, "r:*") as archive:
-            for _ in _tar_members(archive, limits):
-                pass
-        archive = stack.enter_context(tarfile.open(path, "r:*"))
+        counting = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError):
         raise UploadError("the dataset is neither a zip nor a tar archive") from None
-    return _tar_members(archive, limits)
+    # First the headers alone, counted as they are read; only an archive within the count is then read
+    # again and extracted. A stream that breaks later is a damaged archive (see extract_dataset).
+    with counting:
+        for _ in _tar_members(counting, limits):
+            pass
+    return _tar_members(stack.enter_context(tarfile.open(path, "r:*")), limits)
 
 
 def _check_content(name: str, head: bytes) -> None:
@@ -364,12 +374,14 @@ def extract_dataset(archive_path: Path, dest: Path, limits: ArchiveLimits) -> in
             raise UploadError("the archive holds no images (.png, .jpg, .jpeg, .webp)")
         os.replace(staging, dest)
         return images
+    except UploadError:
+        raise
     except OSError as exc:
         if exc.errno in DISK_FULL_ERRNOS:
             raise  # the server's disk is full: not the archive's fault (the API answers 507)
-        raise UploadError(f"the archive is damaged: {exc.strerror or type(exc).__name__}") from None
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-        raise UploadError(f"the archive is damaged: {exc}") from None
+        raise UploadError(f"the archive is damaged: {exc.strerror or exc or type(exc).__name__}") from None
+    except DAMAGED_ARCHIVE_ERRORS as exc:
+        raise UploadError(f"the archive is damaged: {str(exc) or type(exc).__name__}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

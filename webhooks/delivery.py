@@ -1,25 +1,28 @@
-"""One delivery attempt of one job event, and what follows it: done, retried later, or given up."""
+"""One delivery attempt of one job event, and what follows it: done, retried later, or given up.
+
+An attempt is over within ``URAE_WEBHOOK_TIMEOUT_S`` whatever the receiver does: the address check, the
+connection, sending the body and reading the answer's status share one deadline (httpx's own timeouts
+bound each read, so a receiver dripping a byte every few seconds would hold it forever). An attempt cut
+by the deadline is a failed attempt like any other: recorded, and retried.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
+import asyncio
+import ssl
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from standardwebhooks import Webhook
 
-from jobstore.contract import WEBHOOK_FUNCTION, WEBHOOK_QUEUE
-from jobstore.jobs import JobRecords
-from jobstore.queues import connect, rq_queue
-from jobstore.settings import Settings, get_settings
-from jobstore.webhook_targets import DELIVERY_JOB_TIMEOUT_S, WebhookUrlError, resolve_webhook_url
+from jobstore.settings import Settings
+from jobstore.webhook_targets import WebhookUrlError, resolve_webhook_url, scrub
 
-log = logging.getLogger("urae.webhooks")
 USER_AGENT = "urae-serve-webhooks"
+_ssl_context: ssl.SSLContext | None = None
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,39 @@ def signed_headers(secret: str, message_id: str, body: str, now: datetime | None
     }
 
 
-def send(settings: Settings, url: str, message_id: str, body: str) -> AttemptOutcome:
-    """POST the body to the URL, connecting to an address checked just now (no DNS rebinding
-    between the check and the connection); redirects are not followed."""
+async def attempt(settings: Settings, url: str, message_id: str, body: str) -> AttemptOutcome:
+    """POST the body to the URL once, all of it within ``URAE_WEBHOOK_TIMEOUT_S``. Error texts never
+    hold the URL's credentials."""
+    limit = settings.webhook_timeout_s
     try:
-        addresses = resolve_webhook_url(
-            url, allow_private=settings.webhook_allow_private, allow_hosts=settings.webhook_allow_hosts
+        async with asyncio.timeout(limit):
+            outcome = await _attempt(settings, url, message_id, body)
+    except TimeoutError:
+        outcome = AttemptOutcome(None, f"no answer within {limit:g} s", retry=True)
+    if outcome.error:
+        outcome = AttemptOutcome(outcome.status_code, scrub(outcome.error, url), outcome.retry)
+    return outcome
+
+
+def send(settings: Settings, url: str, message_id: str, body: str) -> AttemptOutcome:
+    """``attempt`` from synchronous code."""
+    return asyncio.run(attempt(settings, url, message_id, body))
+
+
+def _tls() -> ssl.SSLContext:
+    global _ssl_context
+    if _ssl_context is None:  # one for every attempt: making one costs milliseconds of CPU
+        _ssl_context = ssl.create_default_context()
+    return _ssl_context
+
+
+async def _attempt(settings: Settings, url: str, message_id: str, body: str) -> AttemptOutcome:
+    """Connect to an address checked just now (no DNS rebinding between the check and the connection);
+    redirects are not followed."""
+    try:
+        addresses = await asyncio.to_thread(
+            resolve_webhook_url, url, allow_private=settings.webhook_allow_private,
+            allow_hosts=settings.webhook_allow_hosts,
         )
     except WebhookUrlError as exc:
         return AttemptOutcome(None, f"refused: the URL {exc}", retry="does not resolve" in str(exc))
@@ -64,9 +94,10 @@ def send(settings: Settings, url: str, message_id: str, body: str) -> AttemptOut
     }
     auth = (parts.username or "", parts.password or "") if parts.username else None
     # TLS: the certificate is checked against the URL's host name, not the address.
-    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
     outcome = AttemptOutcome(None, "no address to connect to", retry=True)
-    with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False) as client:
+    async with httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False,
+                                 verify=_tls()) as client:
         # Each checked address in turn until one accepts the connection (a host name may have an IPv6
         # and an IPv4 address, and the receiver listen on one of them only).
         for ip in addresses:
@@ -74,8 +105,8 @@ def send(settings: Settings, url: str, message_id: str, body: str) -> AttemptOut
                                  parts.path or "/", parts.query, ""))
             try:
                 # Streamed and closed unread: a receiver cannot make this process read a large answer.
-                with client.stream("POST", pinned, content=body.encode(), headers=headers, auth=auth,
-                                   extensions=extensions) as response:
+                async with client.stream("POST", pinned, content=body.encode(), headers=headers, auth=auth,
+                                         extensions=extensions) as response:
                     code = response.status_code
             except httpx.ConnectError as exc:
                 outcome = AttemptOutcome(None, f"cannot connect to {ip}: {exc}"[:300], retry=True)
@@ -90,52 +121,39 @@ def send(settings: Settings, url: str, message_id: str, body: str) -> AttemptOut
     return outcome
 
 
-def next_delay(settings: Settings, attempt: int) -> float:
-    """Seconds before attempt ``attempt + 1``: exponential, capped."""
-    return float(min(settings.webhook_backoff_s * 2 ** (attempt - 1), settings.webhook_backoff_max_s))
+def next_delay(settings: Settings, attempt_number: int) -> float:
+    """Seconds before attempt ``attempt_number + 1``: exponential, capped."""
+    return float(min(settings.webhook_backoff_s * 2 ** (attempt_number - 1), settings.webhook_backoff_max_s))
 
 
-_records: JobRecords | None = None
+@dataclass(frozen=True)
+class AttemptResult:
+    """What an attempt leads to: ``outcome`` (delivered, retrying, gave_up or refused), the entry the
+    job records, and for a retry the wait before the next attempt."""
+
+    outcome: str
+    entry: dict[str, Any]
+    delay_s: float | None = None
 
 
-def _job_records(settings: Settings) -> JobRecords:
-    global _records
-    if _records is None:
-        _records = JobRecords(connect(settings.redis_url, settings.redis_socket_timeout_s), settings.result_ttl_s)
-    return _records
-
-
-def deliver(delivery: dict[str, Any]) -> str:
-    """RQ job: one attempt; records it in the job; queues the next one (backoff) or gives up.
-
-    Returns delivered, retrying, gave_up or refused.
-    """
-    settings = get_settings()
-    records = _job_records(settings)
-    attempt = int(delivery["attempt"])
-    outcome = send(settings, delivery["url"], delivery["message_id"], delivery["body"])
-    now = time.time()
+def judge(settings: Settings, delivery: dict[str, Any], outcome: AttemptOutcome, now: float) -> AttemptResult:
+    """Delivered, refused, retried after the backoff, or given up past ``URAE_WEBHOOK_RETRY_FOR_S``."""
+    attempt_number = int(delivery["attempt"])
+    delay: float | None = None
     if outcome.delivered:
         result = "delivered"
     elif not outcome.retry:
         result = "refused"
     else:
-        delay = next_delay(settings, attempt)
+        delay = next_delay(settings, attempt_number)
         # Give up when the next attempt would start past the bounded retry time.
-        result = "gave_up" if now + delay - float(delivery["first_attempt_at"]) > settings.webhook_retry_for_s else "retrying"
+        late = now + delay - float(delivery["first_attempt_at"]) > settings.webhook_retry_for_s
+        result = "gave_up" if late else "retrying"
     entry: dict[str, Any] = {
-        "event": delivery["event"], "attempt": attempt, "status_code": outcome.status_code,
+        "event": delivery["event"], "attempt": attempt_number, "status_code": outcome.status_code,
         "error": outcome.error, "at": round(now, 3), "outcome": result, "id": delivery["message_id"],
     }
     if result == "retrying":
         entry["next_attempt_in_s"] = delay
-    records.record_webhook_attempt(delivery["job_id"], entry)
-    if result == "retrying":
-        rq_queue(records.conn, WEBHOOK_QUEUE).enqueue_in(
-            timedelta(seconds=delay), WEBHOOK_FUNCTION, {**delivery, "attempt": attempt + 1},
-            job_timeout=DELIVERY_JOB_TIMEOUT_S, result_ttl=600, failure_ttl=24 * 3600,
-            description=f"webhook {delivery['event']} {delivery['job_id']} attempt {attempt + 1}",
-        )
-    log.info("webhook %s of job %s, attempt %d: %s%s", delivery["event"], delivery["job_id"], attempt, result,
-             f" ({outcome.error})" if outcome.error else "")
-    return result
+        return AttemptResult(result, entry, delay)
+    return AttemptResult(result, entry)

@@ -3,7 +3,8 @@
 A generation job hands its decoded images to this writer and returns, so the worker takes the next
 job and denoises on the GPU while the previous images are PNG-encoded and stored (a 4096 px PNG
 takes seconds on one core). Tasks run in submission order on one thread; at most ``max_pending``
-wait, so a slow store pushes back on the GPU instead of filling memory with images.
+wait, so a slow store pushes back on the GPU instead of filling memory with images; a store that is
+down stops the worker taking jobs (``stalled``) until the images it holds are stored.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class ImageWriter:
         self._queue: queue.Queue[Task | None] = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # True while a task keeps finished images because the object store is unavailable: the
+        # worker takes no new job meanwhile (it would only add to what waits).
+        self.stalled = False
 
     def submit(self, task: Task) -> None:
         """Queue ``task``; blocks while ``max_pending`` tasks wait. The task must handle its own errors."""

@@ -19,23 +19,30 @@ from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
+import redis
 from pydantic import BaseModel, ValidationError
+from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from jobstore.adapters import get_adapter, register_adapter
 from jobstore.contract import (
     CONTENT_TYPES,
     JOB_ID_RE,
+    MAX_INPUT_IMAGE_PIXELS,
     NO_BASE_ADAPTER,
+    TERMINAL_STATUSES,
     AdapterImportPayload,
     FinetunePayload,
     GeneratePayload,
+    InputImage,
     JobStatus,
     adapter_object,
     dataset_prefix,
+    default_preview_every,
     finetune_work_prefix,
     image_object,
 )
+from jobstore.jobs import JobNotFound
 from jobstore.metrics import PEAK_MEMORY_KEYS, observe_peak_memory, observe_stage
 from jobstore.storage import ObjectNotFound, StorageUnavailable
 from jobstore.usage import charge, charge_job_images
@@ -49,6 +56,77 @@ class JobCanceled(Exception):
     """The client canceled the job (raised where the library has no cancel exception of its own)."""
 
 
+class StoreWaitEnded(Exception):
+    """A finished result waiting for the object store stops waiting: the client canceled the job, or
+    the worker is shutting down (``shutdown``: the job goes back to the queue)."""
+
+    def __init__(self, shutdown: bool):
+        super().__init__("the worker shut down" if shutdown else "canceled by request")
+        self.shutdown = shutdown
+
+
+# While the object store is unavailable a finished result is kept on local disk and stored again after
+# these waits (doubling), for up to the job's retention (URAE_RESULT_TTL_S).
+STORE_RETRY_FIRST_S = 1.0
+STORE_RETRY_MAX_S = 30.0
+
+
+def store_when_back(rt: Runtime, job_id: str, key: str, path: Any, what: str,
+                    progress: dict[str, Any] | None = None) -> None:
+    """Store a finished result (``path`` -> ``key``). While the object store is unavailable the local
+    file is kept and the upload tried again with backoff, up to the job's retention, so an outage
+    shorter than that loses nothing computed; meanwhile the job stays started (its progress, when
+    given, says it waits) and the worker takes no new job. StoreWaitEnded on cancel or shutdown."""
+    deadline = time.monotonic() + rt.settings.result_ttl_s
+    delay = STORE_RETRY_FIRST_S
+    waiting = False
+    try:
+        while True:
+            try:
+                rt.storage.put_file(key, path)
+                if waiting:
+                    log.info("job %s: the object store is back; %s stored", job_id, what)
+                return
+            except StorageUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StorageUnavailable(
+                        f"{what}: the object store stayed unavailable for the job's retention "
+                        f"({rt.settings.result_ttl_s} s): {exc}") from exc
+                if not waiting:
+                    waiting = True
+                    rt.image_writer.stalled = True
+                    log.warning("job %s: the object store is unavailable (%s); keeping %s and trying again",
+                                job_id, exc, what)
+                    if progress is not None:
+                        _publish_quietly(rt, job_id, progress)
+                _wait_unless_stopped(rt, job_id, delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
+    finally:
+        if waiting:
+            rt.image_writer.stalled = False
+
+
+def _publish_quietly(rt: Runtime, job_id: str, progress: dict[str, Any]) -> None:
+    try:
+        rt.records.set_progress(job_id, progress)
+    except redis.RedisError:
+        pass  # progress is informative; the result is what matters
+
+
+def _wait_unless_stopped(rt: Runtime, job_id: str, seconds: float) -> None:
+    """Sleep, looking at the shutdown deadline and the job's cancel flag while doing so."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if rt.shutdown_overdue():
+            raise StoreWaitEnded(shutdown=True)
+        try:
+            if rt.records.cancel_requested(job_id):
+                raise StoreWaitEnded(shutdown=False)
+        except redis.RedisError:
+            pass
+        time.sleep(min(0.5, left))
+
+
 @contextmanager
 def _running(rt: Runtime, job_id: str, lease: ExitStack | None = None) -> Iterator[dict[str, Any] | None]:
     """Lease + start; yields the started record, or None when the job must not run (canceled or
@@ -58,7 +136,8 @@ def _running(rt: Runtime, job_id: str, lease: ExitStack | None = None) -> Iterat
     settings = rt.settings
     with ExitStack() as local:
         (lease or local).enter_context(rt.records.lease(job_id, settings.lease_ttl_s, settings.heartbeat_interval_s))
-        record = rt.records.start(job_id, rt.name)
+        current = get_current_job()  # None when called outside an RQ worker
+        record = rt.records.start(job_id, rt.name, rq_id=current.id if current is not None else None)
         if record is None:
             yield None
             return
@@ -115,12 +194,12 @@ def run_generate(payload: dict[str, Any]) -> str:
     job = _parse(rt, GeneratePayload, payload)
     if job is None:
         return JobStatus.FAILED
-    generator = _resident_generator(rt, job.job_id)
-    if generator is None:
-        return JobStatus.FAILED
     lease = ExitStack()
     handed_off = False
     try:
+        generator = _resident_generator(rt, job.job_id)
+        if generator is None:
+            return JobStatus.FAILED
         with _running(rt, job.job_id, lease) as record:
             if record is None:
                 return "skipped"
@@ -130,6 +209,76 @@ def run_generate(payload: dict[str, Any]) -> str:
     finally:
         if not handed_off:
             lease.close()
+            _release_input(rt, job)
+
+
+def _release_input(rt: Runtime, job: GeneratePayload) -> None:
+    """Delete the job's uploaded input image once the job has ended (finished, failed or canceled); a
+    job put back in its queue keeps it. What this misses, the API's retention sweep removes."""
+    if job.image is None or job.image.key is None:
+        return
+    try:
+        status = rt.records.status(job.job_id)
+    except redis.RedisError:
+        return
+    if status is None or status in TERMINAL_STATUSES:
+        _discard(rt, job.image.key)
+
+
+def _input_image(rt: Runtime, source: InputImage) -> Any:
+    """The job's input image, decoded within MAX_INPUT_IMAGE_PIXELS; InvalidSpecError (field ``image``)
+    when it is gone or unreadable."""
+    from urae.errors import InvalidSpecError
+
+    if source.key is not None:
+        key, what = source.key, "the uploaded input image"
+    else:
+        what = f"image {source.index} of job {source.job}"
+        try:
+            record = rt.records.get(str(source.job))
+        except JobNotFound:
+            raise InvalidSpecError("image", f"{what} is gone: the job's record has expired") from None
+        images = (record.get("result") or {}).get("images", [])
+        if record.get("status") != JobStatus.FINISHED or source.index >= len(images):
+            raise InvalidSpecError("image", f"{what} is gone: that job has no such image now")
+        key = images[source.index]["key"]
+    try:
+        path = rt.storage.local_file(key)
+    except ObjectNotFound:
+        raise InvalidSpecError("image", f"{what} is no longer stored") from None
+    try:
+        return decode_bounded(path, what)
+    finally:
+        if source.job is not None:
+            rt.storage.evict(key)  # another job's image: this worker's copy is not kept
+
+
+def decode_bounded(path: Any, what: str) -> Any:
+    """Decode an image file to RGB, after checking from its header that it declares at most
+    MAX_INPUT_IMAGE_PIXELS (Pillow never decodes a bomb)."""
+    import warnings
+
+    from PIL import Image, ImageOps
+
+    from urae.errors import InvalidSpecError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path, formats=["PNG", "JPEG", "WEBP"]) as image:
+                width, height = image.size
+                if width * height > MAX_INPUT_IMAGE_PIXELS:
+                    raise InvalidSpecError(
+                        "image", f"{what} declares {width}x{height} pixels, more than {MAX_INPUT_IMAGE_PIXELS:,}")
+                # A photo's EXIF orientation says which way is up; the model sees it upright.
+                return ImageOps.exif_transpose(image).convert("RGB")
+        except InvalidSpecError:
+            raise
+        except Image.DecompressionBombError:
+            raise InvalidSpecError("image", f"{what} declares more than {MAX_INPUT_IMAGE_PIXELS:,} pixels") from None
+        # A decoder reading damaged bytes can fail in many ways; each one means the same thing here.
+        except Exception:  # noqa: BLE001
+            raise InvalidSpecError("image", f"{what} is not a readable PNG, JPEG or WebP image") from None
 
 
 def _generate(rt: Runtime, job: GeneratePayload, generator: Any, record: dict[str, Any], lease: ExitStack) -> str:
@@ -147,8 +296,10 @@ def _generate(rt: Runtime, job: GeneratePayload, generator: Any, record: dict[st
             job.prompt, job.preset, schnell=generator.schnell, aspect_ratio=job.aspect_ratio,
             adapters=tuple(AdapterRef(a.name, a.weight) for a in job.adapters),
             width=job.width, height=job.height, steps=job.steps, guidance=job.guidance,
-            seed=job.seed, num_images=job.num_images, tier=job.tier,
+            seed=job.seed, num_images=job.num_images, tier=job.tier, model=generator.model_id,
+            strength=job.strength,
         )
+        image = _input_image(rt, job.image) if job.image is not None else None
 
         def on_progress(p: Any) -> None:
             try:
@@ -158,9 +309,12 @@ def _generate(rt: Runtime, job: GeneratePayload, generator: Any, record: dict[st
             except Exception:
                 log.warning("job %s: progress not published", job.job_id)
 
-        preview_every = rt.settings.preview_every if job.preview_every is None else job.preview_every
+        # Image to image runs the schedule's tail only: previews are spread over the steps run.
+        preview_every = (default_preview_every(rt.settings.preview_every, spec.steps_run())
+                         if job.preview_every is None else job.preview_every)
         result = generator.generate(spec, on_progress=on_progress, should_cancel=_should_stop(rt, job.job_id),
-                                    on_preview=_preview_publisher(rt, job.job_id), preview_every=preview_every)
+                                    on_preview=_preview_publisher(rt, job.job_id), preview_every=preview_every,
+                                    image=image)
         timings.update({k: round(v, 4) for k, v in result.timings.items()})
         # The next job denoises while these images are encoded and stored; this job is reported
         # finished (and its lease released) only once every file is durably written.
@@ -211,7 +365,8 @@ def _write_and_finish(
                         save_image(image, {**metadata, "job_id": job.job_id}, tmp, job.output_format,
                                    png_compress_level=rt.settings.png_compress_level)
                         written_bytes += tmp.stat().st_size
-                        rt.storage.put_file(key, tmp)
+                        store_when_back(rt, job.job_id, key, tmp, f"image {index}",
+                                        {"stage": "store", "step": index, "total": len(result.images)})
                     finally:
                         tmp.unlink(missing_ok=True)
                 except OSError as exc:
@@ -220,14 +375,20 @@ def _write_and_finish(
                 images.append({
                     "index": index, "key": key, "url": f"/jobs/{job.job_id}/images/{index}",
                     "width": image.width, "height": image.height, "seed": metadata["seed"],
-                    "content_type": CONTENT_TYPES[job.output_format],
+                    "seed_str": str(metadata["seed"]), "content_type": CONTENT_TYPES[job.output_format],
                 })
             timings["write"] = round(time.perf_counter() - t0, 4)
             timings["write_ended_at"] = round(time.time(), 4)
-            summary = {"images": images, "seed": job.seed, "preset": spec.preset, "width": spec.width,
+            # seed_str: the seed as text too, for JSON clients whose numbers are doubles (JavaScript holds
+            # integers exactly only up to 2^53; seeds go to 2^63 - 1).
+            summary = {"images": images, "seed": job.seed, "seed_str": str(job.seed), "preset": spec.preset, "width": spec.width,
                        "height": spec.height, "steps": spec.steps, "adapters": result.metadata[0]["adapters"],
                        "tier": spec.tier, "attention_backend": result.metadata[0].get("attention_backend"),
-                       "warnings": result.warnings}
+                       "warnings": result.warnings, "strength": spec.strength}
+            if job.image is not None:
+                source = {"job": job.image.job, "index": job.image.index} if job.image.job else {"upload": True}
+                summary["steps_run"] = spec.steps_run()
+                summary["input_image"] = {**source, **result.metadata[0].get("input_image", {})}
             # Charged before the job is reported finished (a client that sees it finished sees the bytes
             # counted); retention gives them back with the images.
             charge_job_images(rt.conn, job.job_id, record.get("owner", ""), written_bytes)
@@ -238,12 +399,21 @@ def _write_and_finish(
                 for name in PEAK_MEMORY_KEYS:
                     if name in timings:
                         observe_peak_memory(rt.conn, name, timings[name])
+        except StoreWaitEnded as exc:
+            _remove(rt, written)
+            if exc.shutdown:
+                rt.records.requeue(job.job_id, "the worker shut down while the object store was unavailable; "
+                                               "the job runs again later")
+            else:
+                rt.records.cancel_done(job.job_id, "canceled by request while its images waited for the object store",
+                                       timings)
         except (UraeError, StorageUnavailable) as exc:
             _remove(rt, written)
             rt.records.fail(job.job_id, str(exc), timings)
         except Exception as exc:
             _remove(rt, written)
             _fail_unexpected(rt, job.job_id, exc, timings)
+    _release_input(rt, job)
 
 
 def _preview_publisher(rt: Runtime, job_id: str) -> Callable[[Any], None]:
@@ -305,6 +475,8 @@ def run_adapter_import(payload: dict[str, Any]) -> str:
             return JobStatus.FAILED
         except JobTimeoutException:
             raise
+        except StoreWaitEnded as exc:
+            return _stopped_waiting(rt, job.job_id, exc)
         except (StorageUnavailable, ObjectNotFound) as exc:
             rt.records.fail(job.job_id, str(exc))
             return JobStatus.FAILED
@@ -348,7 +520,7 @@ def register_file(
                 f"adapter {name!r} changes {len(outside)} layer(s) outside the attention projections the workers' "
                 f"adapter slots serve (first: {outside[0]})"
             )
-        rt.storage.put_file(key, tmp)
+        store_when_back(rt, rt.current_job or name, key, tmp, f"adapter {name!r}")
     finally:
         tmp.unlink(missing_ok=True)
     previous = get_adapter(rt.conn, name)
@@ -439,6 +611,9 @@ def run_finetune(payload: dict[str, Any]) -> str:
                 return JobStatus.QUEUED
             rt.records.cancel_done(job.job_id, f"canceled by request ({exc})")
             return JobStatus.CANCELED
+        except StoreWaitEnded as exc:
+            keep_work = exc.shutdown  # its checkpoints stay here for a resume on this host
+            return _stopped_waiting(rt, job.job_id, exc)
         except (UraeError, StorageUnavailable) as exc:
             rt.records.fail(job.job_id, str(exc))
             return JobStatus.FAILED
@@ -451,6 +626,15 @@ def run_finetune(payload: dict[str, Any]) -> str:
             if not keep_work:
                 shutil.rmtree(work, ignore_errors=True)
                 _discard(rt, finetune_work_prefix(job.job_id))
+
+
+def _stopped_waiting(rt: Runtime, job_id: str, exc: StoreWaitEnded) -> str:
+    """A result that waited for the object store is given up: back to the queue on shutdown, else canceled."""
+    if exc.shutdown:
+        rt.records.requeue(job_id, "the worker shut down while the object store was unavailable; the job runs again later")
+        return JobStatus.QUEUED
+    rt.records.cancel_done(job_id, "canceled by request while its result waited for the object store")
+    return JobStatus.CANCELED
 
 
 def _store_checkpoints(rt: Runtime, job_id: str, work: Any) -> None:

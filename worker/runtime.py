@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from jobstore.adapters import get_adapter
+from jobstore.adapters import describe_builtin_adapter, get_adapter
 from jobstore.contract import BUILTIN_ADAPTERS
 from jobstore.jobs import JobRecords
 from jobstore.queues import connect
@@ -40,6 +40,8 @@ class Runtime:
     pinned_versions: dict[str, str] = field(default_factory=dict)
     # Encodes and stores finished jobs' images while the next job runs (see worker.image_writer).
     image_writer: ImageWriter = field(default_factory=ImageWriter)
+    # Built-in adapters whose files this process has described in Redis (for GET /adapters).
+    described_builtins: set[str] = field(default_factory=set)
 
     def shutdown_overdue(self) -> bool:
         return self.shutdown_deadline is not None and time.monotonic() >= self.shutdown_deadline
@@ -50,7 +52,9 @@ class Runtime:
         from urae.errors import AdapterNotFoundError
 
         if name in BUILTIN_ADAPTERS:
-            return resolve_adapter(name, self.settings.model, self.settings.adapter_cache_dir)
+            path = resolve_adapter(name, self.settings.model, self.settings.adapter_cache_dir)
+            self.describe_builtin(name, path)
+            return path
         record = get_adapter(self.conn, name)
         if record is None:
             raise AdapterNotFoundError(f"adapter {name!r} was deleted or was never registered")
@@ -61,6 +65,29 @@ class Runtime:
                 "to use the new version"
             )
         return self.storage.local_file(record["object"])
+
+    def describe_builtin_adapters(self) -> None:
+        """Describe every built-in adapter of the served model that is here without a download (the
+        others are described when first used)."""
+        from urae.adapters.builtin import local_builtin_adapter
+
+        for name in BUILTIN_ADAPTERS:
+            path = local_builtin_adapter(name, self.settings.model, self.settings.adapter_cache_dir)
+            if path is not None:
+                self.describe_builtin(name, path)
+
+    def describe_builtin(self, name: str, path: Path) -> None:
+        """Record a built-in adapter's version (its content hash), ranks and size, once per process."""
+        if name in self.described_builtins:
+            return
+        from urae.adapters import inspect_adapter
+
+        info = inspect_adapter(path)
+        describe_builtin_adapter(self.conn, self.settings.model, {
+            "name": name, "version": info.sha256[:12], "rank": info.trained_rank, "export_rank": info.rank,
+            "size_bytes": path.stat().st_size, "sha256": info.sha256,
+        })
+        self.described_builtins.add(name)
 
     def adapter_source(self, name: str) -> Path | tuple[Path, str]:
         """What the generator loads: the file, with the SHA-256 the registry recorded when the adapter

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from typing import Annotated, Any
 
@@ -22,7 +23,7 @@ from fastapi import APIRouter, File, Form, Path, Request, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from jobstore.adapters import get_adapter, list_adapters, unregister_adapter
+from jobstore.adapters import builtin_adapter_description, get_adapter, list_adapters, unregister_adapter
 from jobstore.contract import (
     ADAPTER_IMPORT_QUEUE,
     ADAPTER_NAME_PATTERN,
@@ -37,7 +38,7 @@ from jobstore.contract import (
 )
 from jobstore.jobs import JobRecords, new_job_id
 from jobstore.settings import Settings
-from jobstore.storage import Storage
+from jobstore.storage import Storage, StorageUnavailable
 from jobstore.usage import charge
 from service.admission import (
     ApiError,
@@ -51,45 +52,43 @@ from service.admission import (
 )
 from service.auth import Principal
 from service.deps import ApiKeyDep, RecordsDep, RedisDep, SettingsDep, StorageDep
+from service.json_bodies import BoundedJsonRoute
 from service.routers.jobs import job_public
 from service.schemas import AdapterList, AdapterPublic, ErrorBody, JobPublic
 from service.uploads import SafetensorsSummary, UploadError, check_safetensors, spooled_upload
 
-router = APIRouter(prefix="/adapters", tags=["adapters"])
+router = APIRouter(route_class=BoundedJsonRoute, prefix="/adapters", tags=["adapters"])
+log = logging.getLogger("urae.service")
 
 # How often a waiting upload looks at its import job.
 _IMPORT_POLL_S = 0.05
-# Upload checks (spooling, header parsing, storing) share at most this many pool threads: a burst of
-# uploads waits for them without holding a thread, and never takes the pool from light requests.
-UPLOAD_THREADS = 4
-_upload_limiter: anyio.CapacityLimiter | None = None
-
-
-def _upload_threads() -> anyio.CapacityLimiter:
-    global _upload_limiter
-    if _upload_limiter is None:  # made in the event loop (anyio needs one)
-        _upload_limiter = anyio.CapacityLimiter(UPLOAD_THREADS)
-    return _upload_limiter
 
 AdapterName = Annotated[str, Path(pattern=ADAPTER_NAME_PATTERN, description="lower-case letters, digits, - and _")]
 ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
 
 
-def _builtin(name: str) -> AdapterPublic:
-    return AdapterPublic(name=name, builtin=True, source="builtin", description="URAE preset adapter")
+def _builtin(conn: redis.Redis, settings: Settings, name: str) -> AdapterPublic:
+    """A built-in adapter, with what a worker serving the model found in its file (version: the start of
+    its SHA-256; ranks; size); those stay null until a worker has started."""
+    found = builtin_adapter_description(conn, settings.model, name) or {}
+    return AdapterPublic(
+        name=name, builtin=True, source="builtin", description="URAE preset adapter",
+        version=found.get("version"), rank=found.get("rank"), export_rank=found.get("export_rank"),
+        size_bytes=found.get("size_bytes"),
+    )
 
 
 @router.get("", response_model=AdapterList)
-def adapters_index(principal: ApiKeyDep, conn: RedisDep) -> AdapterList:
+def adapters_index(principal: ApiKeyDep, conn: RedisDep, settings: SettingsDep) -> AdapterList:
     """Built-in adapters and the caller's own (an admin key sees every registered one)."""
     registered = [AdapterPublic(**a) for a in list_adapters(conn) if principal.can_access(a.get("owner"))]
-    return AdapterList(adapters=[_builtin(n) for n in BUILTIN_ADAPTERS] + registered)
+    return AdapterList(adapters=[_builtin(conn, settings, n) for n in BUILTIN_ADAPTERS] + registered)
 
 
 @router.get("/{name}", response_model=AdapterPublic, responses=ERRORS)
-def adapter_detail(name: AdapterName, principal: ApiKeyDep, conn: RedisDep) -> AdapterPublic:
+def adapter_detail(name: AdapterName, principal: ApiKeyDep, conn: RedisDep, settings: SettingsDep) -> AdapterPublic:
     if name in BUILTIN_ADAPTERS:
-        return _builtin(name)
+        return _builtin(conn, settings, name)
     record = get_adapter(conn, name)
     if record is None or not principal.can_access(record.get("owner")):
         raise ApiError(404, f"adapter {name!r} not found")
@@ -144,10 +143,17 @@ async def adapter_upload(
         _accept_upload, file, name, request, principal, settings, conn, records, storage, description, replace,
         base_adapter,
     )
-    job_id = await anyio.to_thread.run_sync(accept, limiter=_upload_threads())
-    # Waiting for the worker holds no server thread: the event loop polls the job's status.
-    await _wait_until_ended(request.app.state.aredis, job_id, settings.adapter_import_wait_s)
-    return await run_in_threadpool(_import_answer, job_id, name, conn, records)
+    # Upload checks share the upload threads (service.limits.UPLOAD_THREADS) with every upload route.
+    record = await anyio.to_thread.run_sync(accept, limiter=request.app.state.upload_threads)
+    job_id = record["id"]
+    try:
+        # Waiting for the worker holds no server thread: the event loop polls the job's status.
+        await _wait_until_ended(request.app.state.aredis, job_id, settings.adapter_import_wait_s)
+        return await run_in_threadpool(_import_answer, job_id, name, conn, records)
+    except (redis.ConnectionError, redis.TimeoutError):
+        # The upload is stored and its job queued: say so (follow the job), never 503 for work accepted.
+        body = job_public(record).model_dump(mode="json")
+        return JSONResponse(body, 202, headers={"Location": f"/jobs/{job_id}"})
 
 
 async def _wait_until_ended(aredis: aioredis.Redis, job_id: str, timeout_s: float) -> None:
@@ -162,8 +168,9 @@ async def _wait_until_ended(aredis: aioredis.Redis, job_id: str, timeout_s: floa
 def _accept_upload(
     file: UploadFile, name: str, request: Request, principal: Principal, settings: Settings, conn: redis.Redis,
     records: JobRecords, storage: Storage, description: str, replace: bool, base_adapter: str | None = None,
-) -> str:
-    """Check, store and enqueue the upload (blocking I/O: run in the thread pool); the import job's id."""
+) -> dict[str, Any]:
+    """Check, store and enqueue the upload (blocking I/O: run in the thread pool); the import job's
+    record. When the job cannot be queued the stored file is removed: nothing is left behind."""
     if name in BUILTIN_ADAPTERS:
         raise ApiError(409, f"{name!r} is the name of a built-in adapter", field="name")
     if name == NO_BASE_ADAPTER:
@@ -191,11 +198,17 @@ def _accept_upload(
     payload = AdapterImportPayload(
         job_id=job_id, name=name, upload=key, description=description, base_adapter=base_adapter, replaces=replaces
     )
-    records.create_and_enqueue(
-        job_id, JobKind.ADAPTER_IMPORT, ADAPTER_IMPORT_QUEUE, payload.model_dump(), priority="high",
-        owner=principal.key_id, timeout_s=settings.job_timeout_s,
-    )
-    return job_id
+    try:
+        return records.create_and_enqueue(
+            job_id, JobKind.ADAPTER_IMPORT, ADAPTER_IMPORT_QUEUE, payload.model_dump(), priority="high",
+            owner=principal.key_id, timeout_s=settings.job_timeout_s, max_queued=settings.max_queued_jobs_per_key,
+        )
+    except BaseException:
+        try:
+            storage.delete(key)
+        except (StorageUnavailable, OSError):
+            log.warning("upload %s not removed after its job could not be queued", key)
+        raise
 
 
 def _check_base_adapter(summary: SafetensorsSummary, base_adapter: str | None) -> None:

@@ -14,8 +14,9 @@ from pydantic import BaseModel
 from jobstore.contract import TIERS, JobKind
 from service.admission import serving_workers
 from service.deps import ApiKeyDep, RedisDep, SettingsDep
+from service.json_bodies import BoundedJsonRoute
 
-router = APIRouter(tags=["health"])
+router = APIRouter(route_class=BoundedJsonRoute, tags=["health"])
 
 
 
@@ -43,8 +44,16 @@ def _device_kind(device: str | None) -> str:
     return "cpu" if str(device or "").startswith("cpu") else "gpu"
 
 
-def suggest(devices: list[str]) -> Suggested:
+# Models whose presets are scaled to their own training size (urae.presets.PRESET_FAMILIES): their
+# 1k preset is their base resolution, which a CPU draws in about a second at the preset's own steps.
+SMALL_MODELS = ("mini",)
+
+
+def suggest(devices: list[str], model: str | None = None) -> Suggested:
     """Settings for a quick first image on the slowest live device (the job may land on it)."""
+    if model in SMALL_MODELS:
+        # Smaller sizes or fewer steps would only draw worse; larger ones are its 2x / 4x presets.
+        return Suggested(preset="1k", aspect_ratio="1:1", reason=f"{model}: its base resolution at its own steps")
     if not devices or any(_device_kind(d) == "cpu" for d in devices):
         where = "the workers run on a CPU" if devices else "no worker is live; assumed a CPU"
         # A first image in seconds on a CPU (any model): small and few steps.
@@ -63,5 +72,5 @@ def server_config(_: ApiKeyDep, settings: SettingsDep, conn: RedisDep) -> Server
     return ServerConfig(
         model=settings.model, devices=devices, live_workers=len(workers), max_pixels=max(limits) if limits else None,
         tiers=sorted({t for w in workers for t in w.get("tiers", ["quality"])}, key=TIERS.index),
-        suggested=suggest(devices),
+        suggested=suggest(devices, settings.model),
     )

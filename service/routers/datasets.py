@@ -17,9 +17,10 @@ from jobstore.datasets import active_jobs, delete_dataset, get_dataset, list_dat
 from service.admission import ApiError
 from service.auth import Principal
 from service.deps import ApiKeyDep, RedisDep, StorageDep
+from service.json_bodies import BoundedJsonRoute
 from service.schemas import ErrorBody
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(route_class=BoundedJsonRoute, prefix="/datasets", tags=["datasets"])
 
 DatasetName = Annotated[str, Path(pattern=DATASET_NAME_PATTERN, description="lower-case letters, digits, - and _")]
 ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}}

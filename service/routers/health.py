@@ -18,8 +18,9 @@ from jobstore.queues import rq_queue_key
 from jobstore.workers import live_workers
 from service.admission import serving_workers
 from service.deps import ApiKeyDep, RedisDep, SettingsDep, StorageDep
+from service.json_bodies import BoundedJsonRoute
 
-router = APIRouter(tags=["health"])
+router = APIRouter(route_class=BoundedJsonRoute, tags=["health"])
 
 
 @router.get("/health")
@@ -39,6 +40,8 @@ def ready(_: ApiKeyDep, settings: SettingsDep, conn: RedisDep, storage: StorageD
             "tiers": sorted({t for w in workers for t in w.get("tiers", ["quality"])}, key=TIERS.index),
             "workers": [{"tiers": w.get("tiers", ["quality"]), "attention_backend": w.get("attention_backend"),
                          "precision": w.get("precision"), "compiled": w.get("compiled", False),
+                         # How the worker fits the model in its GPU (URAE_MEMORY_PROFILE).
+                         "memory_profile": w.get("memory_profile", "default"),
                          "max_pixels": w.get("max_pixels"),
                          # GPUs the worker splits each image over (URAE_CONTEXT_PARALLEL).
                          "context_parallel": w.get("context_parallel", 1)} for w in workers]}

@@ -12,13 +12,14 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from service.admission import ApiError
+from service.json_bodies import BoundedJsonRoute
 
 PLAYGROUND_DIR = Path(__file__).resolve().parent.parent / "playground"
 # Only these files are served: a fixed list, so no request path ever reaches the file system.
 ASSETS = {"playground.css": "text/css", "playground.js": "text/javascript"}
 NO_CACHE = {"Cache-Control": "no-cache"}
 
-router = APIRouter(tags=["playground"], include_in_schema=False)
+router = APIRouter(route_class=BoundedJsonRoute, tags=["playground"], include_in_schema=False)
 
 
 @router.get("/")

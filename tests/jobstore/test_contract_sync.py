@@ -11,7 +11,7 @@ from jobstore import contract
 
 @pytest.mark.parametrize(
     "name", ["SIZE_MULTIPLE", "MIN_SIDE", "MAX_SIDE", "MAX_PIXELS", "MAX_STEPS", "MAX_GUIDANCE", "MAX_PROMPT_CHARS",
-             "MAX_IMAGES", "MAX_SEED", "TIERS", "PIXEL_LIMIT_TEXT"],
+             "MAX_IMAGES", "MAX_SEED", "TIERS", "PIXEL_LIMIT_TEXT", "DEFAULT_STRENGTH"],
 )
 def test_bounds_equal_the_library(name: str) -> None:
     assert getattr(contract, name) == getattr(spec, name)

@@ -19,6 +19,7 @@ from jobstore.storage import (
     StorageUnavailable,
     open_storage,
 )
+from jobstore.storage.s3 import TREE_MANIFEST
 from tests.conftest import make_settings
 
 
@@ -104,17 +105,39 @@ def test_a_reader_never_sees_half_an_object(storage: Storage) -> None:
     assert seen == {True}
 
 
+def count_downloads(storage: Storage) -> list[str]:
+    """The paths the S3 client GETs from now on (boto3's own event hooks on the real client)."""
+    from urllib.parse import unquote
+
+    gets: list[str] = []
+    if not isinstance(storage, LocalStorage):
+        storage.client.meta.events.register(  # type: ignore[attr-defined]
+            "before-call.s3.GetObject", lambda params, **_: gets.append(unquote(params["url_path"]))
+        )
+    return gets
+
+
+def folders(paths: list[str]) -> list[str]:
+    return [p.rsplit("/", 2)[-2] for p in paths]
+
+
 def test_local_file_copies_are_cached_by_content(storage: Storage) -> None:
     storage.put("adapters/x/v1.safetensors", b"weights")
     storage.put("adapters/y/v1.safetensors", b"weights")
+    downloads = count_downloads(storage)
     first = storage.local_file("adapters/x/v1.safetensors")
     assert first.read_bytes() == b"weights" and first.suffix == ".safetensors"
-    assert storage.local_file("adapters/x/v1.safetensors") == first  # no second download
+    copy = first.stat()
+    assert storage.local_file("adapters/x/v1.safetensors") == first
     if not isinstance(storage, LocalStorage):
         # Same bytes under another name: one cached copy.
         assert storage.local_file("adapters/y/v1.safetensors") == first
+        assert folders(downloads) == ["x"]  # one download for three calls
+        assert (first.stat().st_ino, first.stat().st_size) == (copy.st_ino, copy.st_size)  # the same file, kept
     storage.put("adapters/x/v1.safetensors", b"new weights")
     assert storage.local_file("adapters/x/v1.safetensors").read_bytes() == b"new weights"
+    if not isinstance(storage, LocalStorage):
+        assert folders(downloads) == ["x", "x"]  # changed content: fetched again, once
 
 
 def test_a_tree_appears_whole_and_once(storage: Storage, tmp_path: Path) -> None:
@@ -128,9 +151,15 @@ def test_a_tree_appears_whole_and_once(storage: Storage, tmp_path: Path) -> None
     assert storage.tree_exists("datasets/pets")
     assert list(storage.list("datasets/pets")) == [
         "datasets/pets/img 1 (copy).png", "datasets/pets/img0.png", "datasets/pets/img0.txt"]
+    downloads = count_downloads(storage)
     local = storage.local_tree("datasets/pets")
     assert sorted(p.name for p in local.iterdir()) == ["img 1 (copy).png", "img0.png", "img0.txt"]
     assert (local / "img0.txt").read_text() == "a cat"
+    fetched = len(downloads)
+    assert storage.local_tree("datasets/pets") == local
+    if not isinstance(storage, LocalStorage):
+        assert fetched == 4  # the manifest and the three files
+        assert len(downloads) == fetched + 1 and downloads[-1].endswith(f"/datasets/pets/{TREE_MANIFEST}")  # cached
     again = tmp_path / "again"
     again.mkdir()
     (again / "x.png").write_bytes(b"x")

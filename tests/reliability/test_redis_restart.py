@@ -87,3 +87,57 @@ def test_sse_clients_get_an_error_event_not_a_hang_when_redis_dies(
     # After the restart the same API streams again (its async Redis client reconnected).
     replay = http.get(f"/jobs/{job_id}/events").text
     assert '"status": "queued"' in replay and f'"status": "{job["status"]}"' in replay
+
+
+def test_webhook_retries_go_on_after_a_redis_restart(
+    service_env: dict[str, str], durable_redis: DurableRedis, tmp_path: Any
+) -> None:
+    """A retry waiting when Redis dies is sent once Redis is back (within seconds, not at a
+    maintenance cycle), by the same webhook worker process."""
+    import base64
+    import os
+    import subprocess
+    import sys
+
+    import redis
+
+    from jobstore.webhook_deliveries import delivery_key, enqueue_delivery
+    from tests.conftest import REPO_ROOT
+    from tests.webhooks.test_webhooks import Receiver
+
+    receiver = Receiver()
+    with receiver.lock:
+        receiver.scripts["/after-restart"] = [(500, 0.0)]
+    env = {**os.environ, **service_env, "PYTHONUNBUFFERED": "1",
+           "URAE_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"urae-serve test webhook secret!!").decode(),
+           "URAE_WEBHOOK_ALLOW_HOSTS": "127.0.0.0/8", "URAE_WEBHOOK_BACKOFF_S": "5"}
+    log = open(tmp_path / "webhooks.log", "wb")
+    worker = subprocess.Popen([sys.executable, "-m", "webhooks"], cwd=REPO_ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        conn = redis.Redis.from_url(durable_redis.url)
+        message_id = enqueue_delivery(conn, "2" * 32, "generate", "restart-owner",
+                                      {"url": receiver.url("/after-restart")}, "completed", {"status": "finished"},
+                                      ttl_s=600)
+        receiver.wait("/after-restart", 1, timeout_s=30)  # answered 500: retried in 5 s
+        time.sleep(1.5)  # the retry is in the append-only file (fsync every second)
+        durable_redis.crash()
+        time.sleep(1.0)
+        durable_redis.start()
+        restarted = time.monotonic()
+        requests = receiver.wait("/after-restart", 2, timeout_s=60)
+        took = time.monotonic() - restarted
+        print(f"the retry was sent {took:.1f} s after Redis came back")
+        assert took < 15
+        assert {r["headers"]["webhook-id"] for r in requests} == {message_id}
+        deadline = time.monotonic() + 10
+        while conn.exists(delivery_key(message_id)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not conn.exists(delivery_key(message_id))
+        assert worker.poll() is None  # the same process, never restarted
+        conn.close()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=15)
+        log.close()
+        receiver.server.shutdown()

@@ -194,7 +194,8 @@ def test_tier_no_live_worker_serves_is_refused_at_once(client: Any, redis_url: s
     conn = redis.Redis.from_url(redis_url)
     # A bf16 worker (as its heartbeat advertises it): quality and turbo, no fp8.
     record = {"name": "bf16-gpu", "model": "tiny", "kinds": ["generate"], "max_pixels": 4096 * 4096,
-              "tiers": ["quality", "turbo"], "attention_backend": "_native_cudnn", "compiled": True}
+              "tiers": ["quality", "turbo"], "attention_backend": "_native_cudnn", "compiled": True,
+              "memory_profile": "24gb"}
     conn.set(worker_key("bf16-gpu"), json.dumps(record), px=60_000)
     conn.sadd("urae:workers", "bf16-gpu")
     try:
@@ -206,6 +207,7 @@ def test_tier_no_live_worker_serves_is_refused_at_once(client: Any, redis_url: s
         ready = client.get("/ready").json()
         assert ready["tiers"] == ["quality", "turbo"]
         assert ready["workers"][0]["attention_backend"] == "_native_cudnn"
+        assert ready["workers"][0]["memory_profile"] == "24gb"
         for tier in ("turbo", "quality"):
             accepted = client.post("/generate", json={"prompt": "a castle", "preset": "2k", "tier": tier})
             assert accepted.status_code == 202
@@ -258,3 +260,28 @@ def test_openapi_documents_examples(client: Any) -> None:
     assert "examples" in schema["components"]["schemas"]["GenerateRequest"]
     assert set(schema["paths"]) >= {"/generate", "/jobs/{job_id}", "/jobs/{job_id}/events", "/adapters", "/finetune",
                                     "/metrics", "/ready", "/health", "/jobs/{job_id}/images/{index}", "/adapters/{name}"}
+
+
+def test_a_queued_finetune_answers_its_queue_position(client: Any, redis_url: str) -> None:
+    from tests.worker.test_finetune_flow import RECIPE, dataset_zip
+
+    ids = []
+    for i in range(2):
+        response = client.post("/finetune", files={"dataset": ("pets.zip", dataset_zip(), "application/zip")},
+                               data={"adapter_name": f"queued-pets-{i}", "recipe": json.dumps(RECIPE)})
+        assert response.status_code == 202, response.text
+        assert response.json()["queue_position"] == i
+        ids.append(response.json()["id"])
+    assert [client.get(f"/jobs/{job_id}").json()["queue_position"] for job_id in ids] == [0, 1]
+    # A fine-tune worker takes the first, then forks its training process before the job starts: the
+    # job is out of the queue and still queued, next to run.
+    from jobstore.contract import FINETUNE_QUEUE
+    from jobstore.jobs import JobRecords
+
+    records = JobRecords(redis.Redis.from_url(redis_url), 3600)
+    assert records.claim_next([rq_queue_key(FINETUNE_QUEUE)], "trainer-1") == (rq_queue_key(FINETUNE_QUEUE), ids[0])
+    first = client.get(f"/jobs/{ids[0]}").json()
+    assert (first["status"], first["queue_position"]) == ("queued", 0)
+    assert client.get(f"/jobs/{ids[1]}").json()["queue_position"] == 0
+    for job_id in ids:
+        assert client.delete(f"/jobs/{job_id}").status_code == 200

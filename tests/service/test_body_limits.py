@@ -21,8 +21,12 @@ def test_every_upload_route_gets_an_upload_limit_and_every_other_route_the_json_
                 # A route that takes files gets an upload maximum, not the 64 KiB of the JSON routes:
                 # a new upload route must be added to BodyLimits.for_route.
                 assert limit in (limits.adapter_upload, limits.dataset_upload), (method, path)
+            elif (method.upper(), path) == ("POST", "/generate"):
+                # An input image travels base64-encoded in its JSON body.
+                assert limit == limits.generate, (method, path)
             else:
                 assert limit == settings.max_json_body_bytes, (method, path)
     assert {"POST /adapters", "POST /finetune"} <= set(uploads)
+    assert limits.generate == -(-settings.max_input_image_bytes * 4 // 3) + settings.max_json_body_bytes
     assert limits.adapter_upload == settings.max_adapter_bytes + MULTIPART_OVERHEAD_BYTES
     assert limits.dataset_upload == settings.max_dataset_bytes + MULTIPART_OVERHEAD_BYTES

@@ -57,3 +57,12 @@ def test_one_cpu_worker_among_gpus_decides(client: Any, heartbeat: Any) -> None:
 
 def test_config_needs_the_key(client: Any) -> None:
     assert client.get("/config", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_a_small_trained_model_gets_its_base_preset_even_on_a_cpu() -> None:
+    from service.routers.config import suggest
+
+    # mini's 1k preset is 128 px at its own steps; 512 px at 4 steps would be 4x its size, unadapted.
+    suggested = suggest(["cpu"], "mini")
+    assert (suggested.preset, suggested.width, suggested.steps) == ("1k", None, None)
+    assert suggest(["cpu"], "tiny").width == 512

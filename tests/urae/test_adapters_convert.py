@@ -325,13 +325,41 @@ def test_convert_with_a_float32_model_folder_is_exact(
 
 
 def test_stored_dtype_reads_the_weights_headers(tmp_path: Path) -> None:
+    """float16 is neither the tiny models' float32 nor the bfloat16 assumed for an uncached hub id: only
+    the headers can give it. A file mixing dtypes is read as the widest of them."""
+    from safetensors.torch import save_file
+
     from urae.models import HUB_WEIGHTS_DTYPE, stored_dtype
 
     pipe = build_tiny_pipeline("tiny")
-    pipe.transformer.to(torch.bfloat16)
-    pipe.transformer.save_pretrained(tmp_path / "bf16" / "transformer")
-    assert stored_dtype(str(tmp_path / "bf16")) == torch.bfloat16
-    single = tmp_path / "bf16" / "transformer" / "diffusion_pytorch_model.safetensors"
-    assert stored_dtype(str(single)) == torch.bfloat16
+    for dtype in (torch.float16, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        pipe.transformer.to(dtype).save_pretrained(tmp_path / name / "transformer")
+        assert stored_dtype(str(tmp_path / name)) == dtype
+        single = tmp_path / name / "transformer" / "diffusion_pytorch_model.safetensors"
+        assert stored_dtype(str(single)) == dtype
+    mixed = tmp_path / "mixed.safetensors"
+    save_file({"a": torch.zeros(2, dtype=torch.float16), "norm": torch.zeros(2, dtype=torch.float32)}, str(mixed))
+    assert stored_dtype(str(mixed)) == torch.float32
     assert stored_dtype("tiny") == torch.float32
     assert stored_dtype("no-such-org/no-such-model") == HUB_WEIGHTS_DTYPE
+
+
+def test_inspect_and_builtin_take_built_in_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``urae inspect urae-2k`` takes the names ``convert --base-lora`` takes; ``urae builtin`` writes the file."""
+    from urae.cli import main
+
+    assert main(["inspect", "urae-4k", "--model", "tiny"]) == 0
+    report = capsys.readouterr().out
+    assert "rank:       16 (exported as a plain LoRA of rank 48)" in report and "base model: fits tiny" in report
+
+    out = tmp_path / "my-style.safetensors"
+    assert main(["builtin", "urae-2k", "--model", "tiny", "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    info = inspect_adapter(out, build_tiny_pipeline("tiny").transformer)
+    assert info.fits_base and info.rank == 16 and info.metadata.get("urae_builtin") == "urae-2k"
+
+    # A path that is neither a file nor a built-in name: one line that says both.
+    assert main(["inspect", "urae-8k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file" in err[0] and "urae-2k" in err[0]

@@ -90,6 +90,23 @@ def test_uploaded_adapter_is_listed_and_changes_the_output(http: Any, worker: An
     assert np.abs(base - unweighted).max() <= 1
 
 
+def test_built_in_adapters_answer_their_version_ranks_and_size(http: Any, worker: Any, service_env: dict[str, str]) -> None:
+    """The files the workers serve for the model (tiny: generated stand-ins), described like registered ones."""
+    from urae.adapters import inspect_adapter
+    from urae.adapters.builtin import tiny_adapter_path
+
+    listed = {a["name"]: a for a in http.get("/adapters").json()["adapters"] if a["builtin"]}
+    expected_ranks = {"urae-2k": (TINY_RANK, TINY_RANK), "urae-4k": (TINY_RANK, 3 * TINY_RANK),
+                      "urae-4k-schnell": (TINY_RANK, 3 * TINY_RANK)}
+    for name, (rank, export_rank) in expected_ranks.items():
+        detail = http.get(f"/adapters/{name}").json()
+        assert detail == listed[name]
+        path = tiny_adapter_path(name, "tiny", Path(service_env["URAE_ADAPTER_CACHE_DIR"]))
+        assert (detail["rank"], detail["export_rank"]) == (rank, export_rank), detail
+        assert detail["size_bytes"] == path.stat().st_size
+        assert detail["version"] == inspect_adapter(path).sha256[:12]
+
+
 def test_hot_swap_between_two_adapters_equals_a_fresh_load(http: Any, worker: Any, adapter_files: dict[str, Path]) -> None:
     assert upload(http, "style-b", adapter_files["b"]).status_code == 201
     body_a = {**SMALL, "adapters": [{"name": "style-a"}]}

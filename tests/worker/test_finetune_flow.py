@@ -103,10 +103,28 @@ def test_finetune_registers_an_adapter_that_generate_uses(http: Any, workers: An
         ({"batch_size": 3, "global_batch_size": 8}, "recipe.global_batch_size"),
     ],
 )
-def test_bad_recipes_are_refused_before_queueing(http: Any, recipe: dict[str, Any], field: str) -> None:
+def test_bad_recipes_are_refused_before_queueing(http: Any, redis_url: str, recipe: dict[str, Any], field: str) -> None:
+    before = job_ids(redis_url)
     response = http.post("/finetune", data={"adapter_name": "nope", "dataset_name": "pets", "recipe": json.dumps(recipe)})
     assert response.status_code == 422, response.text
     assert response.json()["field"] == field
+    assert job_ids(redis_url) == before  # no job was created, queued or not
+
+
+def job_ids(redis_url: str) -> set[str]:
+    """The ids of every job record in Redis."""
+    import re
+
+    import redis
+
+    from jobstore.contract import job_key
+
+    conn = redis.Redis.from_url(redis_url)
+    try:
+        names = [k.decode() for k in conn.scan_iter(match=job_key("*"))]
+    finally:
+        conn.close()
+    return {m.group(1) for n in names if (m := re.fullmatch(re.escape(job_key("")) + r"([0-9a-f]{32})", n))}
 
 
 def test_a_crashing_training_leaves_generation_serving(http: Any, workers: Any, redis_url: str) -> None:

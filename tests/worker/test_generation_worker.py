@@ -64,6 +64,35 @@ def test_submit_stream_finish_and_fetch_the_image(http: Any, worker: Any) -> Non
     assert http.get(f"/jobs/{job_id}/images/1").status_code == 404
 
 
+def test_a_seed_past_2_53_survives_a_javascript_json_round_trip(http: Any, worker: Any) -> None:
+    """A JSON client whose numbers are doubles (JavaScript) reads seed_str exactly, sends it back as a
+    string, and gets the same image."""
+    seed = "9130118860406938186"
+    assert float(seed) != int(seed)  # what JavaScript's JSON.parse makes of the number: 9130118860406939000
+
+    def as_javascript_reads_it(job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(http.get(f"/jobs/{job_id}").text, parse_int=float)["result"]
+        return result
+
+    first = http.post("/generate", json={**SMALL, "seed": seed, "num_images": 2})
+    assert first.status_code == 202, first.text
+    assert wait_for_status(http, first.json()["id"])["result"]["seed"] == int(seed)
+    result = as_javascript_reads_it(first.json()["id"])
+    assert result["seed_str"] == seed
+    assert [image["seed_str"] for image in result["images"]] == [seed, str(int(seed) + 1)]
+    assert result["seed"] != int(seed)  # the number alone would not have survived
+
+    again = http.post("/generate", json={**SMALL, "seed": result["images"][1]["seed_str"]}).json()["id"]
+    assert as_javascript_reads_it(wait_for_status(http, again)["id"])["seed_str"] == str(int(seed) + 1)
+    images = [Image.open(io.BytesIO(http.get(f"/jobs/{job}/images/{i}").content)).convert("RGB")
+              for job, i in ((first.json()["id"], 1), (again, 0))]
+    assert max(abs(a - b) for a, b in zip(images[0].tobytes(), images[1].tobytes(), strict=True)) <= 1
+
+    for bad in ("9223372036854775808", "12a", "-1", "1e3"):
+        response = http.post("/generate", json={**SMALL, "seed": bad})
+        assert response.status_code == 422 and response.json()["field"] == "seed", (bad, response.text)
+
+
 def test_several_images_in_webp(http: Any, worker: Any) -> None:
     job_id = http.post("/generate", json={**SMALL, "num_images": 2, "output_format": "webp"}).json()["id"]
     job = wait_for_status(http, job_id)
@@ -158,6 +187,7 @@ def test_tiers_the_worker_serves_run_and_are_recorded_others_are_refused(http: A
     ready = http.get("/ready").json()
     assert ready["tiers"] == ["quality", "turbo"]
     assert ready["workers"][0]["attention_backend"] == "native" and ready["workers"][0]["compiled"] is False
+    assert ready["workers"][0]["memory_profile"] == "default"
     refused = http.post("/generate", json={**SMALL, "tier": "fast"})
     assert refused.status_code == 422 and refused.json()["field"] == "tier"
     job = wait_for_status(http, http.post("/generate", json={**SMALL, "tier": "turbo"}).json()["id"])

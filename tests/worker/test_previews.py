@@ -15,18 +15,39 @@ from PIL import Image
 
 from tests.conftest import wait_for_status
 
-
 # -- the library ----------------------------------------------------------------------------------
+# FLUX.1's latent -> RGB factors as ComfyUI publishes them (comfy/latent_formats.py, class Flux):
+# one row per latent channel, columns R, G, B. Written out here, not imported, so that a change to the
+# library's copy shows.
+PUBLISHED_FLUX_FACTORS = [
+    [-0.0346, 0.0244, 0.0681], [0.0034, 0.0210, 0.0687], [0.0275, -0.0668, -0.0433], [-0.0174, 0.0160, 0.0617],
+    [0.0859, 0.0721, 0.0329], [0.0004, 0.0383, 0.0115], [0.0405, 0.0861, 0.0915], [-0.0236, -0.0185, -0.0259],
+    [-0.0245, 0.0250, 0.1180], [0.1008, 0.0755, -0.0421], [-0.0515, 0.0201, 0.0011], [0.0428, -0.0012, -0.0036],
+    [0.0817, 0.0765, 0.0749], [-0.1264, -0.0522, -0.1103], [-0.0280, -0.0881, -0.0499], [-0.1262, -0.0982, -0.0778],
+]
+PUBLISHED_FLUX_BIAS = [-0.0329, -0.0718, -0.0851]
+
+
 def test_flux_map_is_the_published_16x3_map_with_bias() -> None:
     from urae.previews import flux_latent_rgb_map, latents_to_preview
 
     rgb_map = flux_latent_rgb_map()
     assert rgb_map.factors.shape == (16, 3) and rgb_map.bias.shape == (3,)
+    assert torch.allclose(rgb_map.factors, torch.tensor(PUBLISHED_FLUX_FACTORS), atol=1e-6)
+    assert torch.allclose(rgb_map.bias, torch.tensor(PUBLISHED_FLUX_BIAS), atol=1e-6)
     # A zero latent is the bias alone: (bias + 1) * 127.5 per channel.
     pixels = latents_to_preview(torch.zeros(16, 32, 64), rgb_map, 512, 256)
     assert pixels.shape == (128, 256, 3) and pixels.dtype == np.uint8
-    expected = np.round((np.array([-0.0329, -0.0718, -0.0851]) + 1) * 127.5)
-    assert np.abs(pixels.reshape(-1, 3) - expected).max() <= 1
+    bias = np.array(PUBLISHED_FLUX_BIAS)
+    assert np.abs(pixels.reshape(-1, 3) - np.round((bias + 1) * 127.5)).max() <= 1
+    # Latent channel c alone, at 6: the preview's colour is that channel's row (channels are rows,
+    # not columns, and each row goes with its own channel).
+    for channel, row in enumerate(PUBLISHED_FLUX_FACTORS):
+        latents = torch.zeros(16, 4, 4)
+        latents[channel] = 6.0
+        colour = latents_to_preview(latents, rgb_map, 32, 32)[0, 0].astype(float)
+        expected = np.round((6.0 * np.array(row) + bias + 1) * 127.5)
+        assert np.abs(colour - expected).max() <= 1, (channel, colour, expected)
 
 
 def test_preview_size_long_side_and_no_upscaling() -> None:
@@ -105,15 +126,36 @@ def test_renderer_runs_off_the_loop_and_drops_while_busy() -> None:
 
 
 def test_generator_previews_every_n_steps(tiny_pipe: Any) -> None:
-    from urae.generate import Generator
+    import threading
+
+    from urae.generate import Generator, Progress
     from urae.spec import GenerationSpec
 
     generator = Generator(tiny_pipe, "tiny")
     frames: list[Any] = []
+    arrived = threading.Condition()
+
+    def sink(frame: Any) -> None:
+        with arrived:
+            frames.append(frame)
+            arrived.notify_all()
+
+    def pace(every: int) -> Any:
+        # The renderer drops a preview while one is in flight; so that every preview due is rendered
+        # here, each step waits (bounded) for the previews of the steps before it.
+        def wait(progress: Progress) -> None:
+            if progress.stage == "denoise" and progress.step > 0:
+                with arrived:
+                    arrived.wait_for(lambda: len(frames) >= (progress.step - 1) // every, timeout=20)
+        return wait
+
     spec = GenerationSpec(prompt="a fox", width=256, height=128, steps=6, seed=3)
-    with_previews = generator.generate(spec, on_preview=frames.append, preview_every=2)
-    assert frames and all(f.step % 2 == 0 and f.total == 6 for f in frames)
+    with_previews = generator.generate(spec, on_progress=pace(2), on_preview=sink, preview_every=2)
+    assert [f.step for f in frames] == [2, 4, 6] and all(f.total == 6 for f in frames)
     assert all(f.pixels.shape == (128, 256, 3) for f in frames)
+    frames.clear()
+    generator.generate(spec, on_progress=pace(3), on_preview=sink, preview_every=3)
+    assert [f.step for f in frames] == [3, 6]
     # Previews do not change the image.
     plain = generator.generate(spec)
     a, b = np.asarray(with_previews.images[0]), np.asarray(plain.images[0])
@@ -188,7 +230,31 @@ def test_event_stream_carries_jpeg_previews(http: Any, worker: Any) -> None:
     assert len(replay) == 1 and replay[0]["step"] == previews[-1]["step"]
 
 
-def test_previews_off_by_request_and_by_default_above_the_step_count(http: Any, worker: Any) -> None:
+def test_without_a_cadence_a_short_run_still_shows_the_image_forming(http: Any, worker: Any, redis_url: str) -> None:
+    """The playground's CPU defaults (4 steps) with URAE_PREVIEW_EVERY=4: previews before the last step,
+    not only one right before the final image."""
+    import redis
+
+    from jobstore.contract import default_preview_every, job_events_key
+
+    assert [default_preview_every(4, steps) for steps in (1, 4, 8, 12, 28)] == [1, 1, 2, 3, 4]
+    assert default_preview_every(0, 28) == 0  # off stays off
+    job_id = http.post("/generate", json={"prompt": "x", "width": 64, "height": 64, "steps": 4, "seed": 1}).json()["id"]
+    assert wait_for_status(http, job_id)["status"] == "finished"
+    # What the worker published, read from the job's event stream (a live client is sent only the newest
+    # preview when it falls behind, so what it sees depends on the machine's load; this does not). The
+    # first preview is always rendered (later ones may be dropped while one renders): step 1 of 4.
+    conn = redis.Redis.from_url(redis_url)
+    markers = [json.loads(fields[b"data"]) for _, fields in conn.xrange(job_events_key(job_id))]
+    conn.close()
+    published = [m for m in markers if m.get("type") == "preview"]
+    assert published and published[0]["step"] == 1 and all(m["total"] == 4 for m in published), markers
+    # And a client is sent the latest of them.
+    replay = [e for name, e in live_events(http, job_id) if name == "preview"]
+    assert len(replay) == 1 and replay[0]["step"] == published[-1]["step"] and replay[0]["total"] == 4
+
+
+def test_previews_off_by_request(http: Any, worker: Any) -> None:
     off = http.post("/generate", json={"prompt": "x", "width": 64, "height": 64, "steps": 4, "seed": 1,
                                        "preview_every": 0}).json()["id"]
     assert not [n for n, _ in live_events(http, off) if n == "preview"]

@@ -43,10 +43,14 @@ _SEEDS = {"urae-2k": 2_000, "urae-4k": 4_000, "urae-4k-schnell": 4_001}
 def resolve_adapter(name_or_path: str, model_id: str, cache_dir: Path | None = None) -> Path:
     """The local safetensors file for a path or a built-in adapter name.
 
-    Real model ids download URAE's published file; ``tiny``/``tiny-schnell`` get seeded files
-    generated into ``cache_dir`` (default ``~/.cache/urae/tiny-adapters``) on first use.
+    Real model ids download URAE's published file; ``mini`` has its own trained adapters in the
+    package; ``tiny``/``tiny-schnell`` get seeded files generated into ``cache_dir`` (default ``~/.cache/urae/tiny-adapters``) on first use.
     """
     if name_or_path in BUILTIN_ADAPTERS:
+        if model_id == "mini":
+            from urae.mini.model import builtin_adapter_path
+
+            return builtin_adapter_path(name_or_path)
         if model_id in TINY_MODEL_IDS:
             return tiny_adapter_path(name_or_path, model_id, cache_dir)
         return _download(name_or_path, cache_dir)
@@ -66,6 +70,20 @@ def resolve_adapter(name_or_path: str, model_id: str, cache_dir: Path | None = N
             f"{path}: only .safetensors adapters are accepted (pickles are never loaded)"
         )
     return path
+
+
+def local_builtin_adapter(name: str, model_id: str, cache_dir: Path | None = None) -> Path | None:
+    """The built-in adapter's file when it needs no download: mini's, the tiny models' (generated on
+    first use), or URAE's file already in the Hugging Face cache. None otherwise."""
+    if model_id == "mini" or model_id in TINY_MODEL_IDS:
+        try:
+            return resolve_adapter(name, model_id, cache_dir)
+        except AdapterNotFoundError:
+            return None  # mini has no urae-4k-schnell
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(URAE_HUB_REPO, HUB_FILENAMES[name], cache_dir=cache_dir)
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def _download(name: str, cache_dir: Path | None) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,29 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Exit status 0 when the file is valid (and fits --model), 1 when it does not fit --model, "
         "2 when the file is unusable.",
     )
-    inspect.add_argument("file", type=Path, help="adapter .safetensors file")
+    inspect.add_argument(
+        "file", help=f"adapter .safetensors file, or a built-in name ({', '.join(BUILTIN_ADAPTERS)})"
+    )
     inspect.add_argument(
         "--model",
         default=None,
-        help="also check that the adapter fits this base model (FLUX.1 dev/schnell ids need no download)",
+        help="also check that the adapter fits this base model (FLUX.1 dev/schnell ids need no download); "
+        "for a built-in name, the model whose adapter it is (default: URAE_MODEL or FLUX.1-dev)",
     )
     inspect.set_defaults(func=run_inspect)
+
+    builtin = subparsers.add_parser(
+        "builtin",
+        help="write a built-in adapter's file for a model (e.g. a small LoRA to upload for mini or tiny)",
+        description="mini's adapters come with the package, the tiny models' are generated (seeded), "
+        "FLUX.1's are downloaded from URAE's hub repository.",
+    )
+    builtin.add_argument("name", choices=BUILTIN_ADAPTERS, help="built-in adapter name")
+    builtin.add_argument(
+        "--model", default=os.environ.get("URAE_MODEL", DEFAULT_MODEL), help="the model the adapter is for"
+    )
+    builtin.add_argument("-o", "--output", type=Path, required=True, help="where to write the .safetensors file")
+    builtin.set_defaults(func=run_builtin)
 
 
 # FLUX.1's transformer architecture, to check an adapter's shapes without downloading 24 GB.
@@ -133,10 +150,27 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if args.file in BUILTIN_ADAPTERS:  # the same names ``convert --base-lora`` and ``generate --adapter`` take
+        path = resolve_adapter(args.file, args.model or os.environ.get("URAE_MODEL", DEFAULT_MODEL))
+    elif not path.is_file():
+        raise AdapterNotFoundError(
+            f"{path}: no such file (built-in adapters are named {', '.join(BUILTIN_ADAPTERS)})"
+        )
     transformer = shape_transformer(args.model) if args.model else None
-    info = inspect_adapter(args.file, transformer)
+    info = inspect_adapter(path, transformer)
     print(format_info(info, args.model))
     return 0 if info.fits_base is not False else 1
+
+
+def run_builtin(args: argparse.Namespace) -> int:
+    source = resolve_adapter(args.name, args.model)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, args.output)
+    info = inspect_adapter(args.output)
+    print(f"wrote {args.output}: {args.name} for {args.model}, plain LoRA of rank {_rank_text(info)}, "
+          f"{args.output.stat().st_size:,} bytes")
+    return 0
 
 
 def summarise_targets(targets: list[str]) -> str:

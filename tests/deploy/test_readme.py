@@ -3,8 +3,10 @@ and its settings table lists every setting with its real default."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 import tomllib
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,21 +26,34 @@ from tests.deploy.conftest import ServedStack
 
 README = (REPO_ROOT / "README.md").read_text()
 CI_SCRIPT = (REPO_ROOT / ".ci" / "run").read_text()
+LOCK = (REPO_ROOT / "requirements.lock").read_text()
 WALKTHROUGH_HEADING = "## The API by example"
 
 # Every README command outside the walkthrough, and where it is exercised. "ci": .ci/run runs it (checked
 # below); "test": a test in this file runs it; the rest name the test that runs its equivalent.
 EXERCISED = {
     "urae-serve": "tests/launcher/test_local_stack.py (python -m launcher.local_stack, the script's target)",
-    "cp .env.example .env": "no Docker engine here: tests/deploy/test_compose.py checks what compose reads",
-    "docker compose up -d --build": "no Docker engine here: tests/deploy/test_compose.py",
+    # The GPU host's two commands: the container tests run them on a checkout copy (the .env edited as a
+    # user would, docker-compose.cpu.yml added for an engine without GPUs).
+    "cp .env.example .env": "tests/deploy/test_containers.py",
+    "docker compose --profile finetune up -d --build": "tests/deploy/test_containers.py",
     "python3 -m venv .venv && . .venv/bin/activate": "ci",
-    # CI has no internet: .ci/run installs the same pinned CPU build from the machine's local disk
-    # (checked below); the index URL is PyTorch's CPU wheel index.
-    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu": "ci: the same pin from local disk",
-    'pip install -e ".[dev,train]"': "ci",
+    # CI has no internet: .ci/run installs the lock's torch pin from the machine's local disk (checked
+    # below); the extra index is PyTorch's CPU wheel index.
+    "pip install -c requirements.lock torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu":
+        "ci: the lock's torch pin",
+    'pip install -c requirements.lock -e ".[dev,train,gpu]"': "ci",
+    # They rewrite the lock from the package index: run by hand when pyproject.toml changes;
+    # tests/deploy/test_compose.py checks the lock they write (its header, every dependency pinned).
+    "bash docker/refresh-lock.sh": "tests/deploy/test_compose.py (the lock it writes)",
+    "bash docker/refresh-lock.sh --upgrade": "tests/deploy/test_compose.py (the lock it writes)",
+    'urae generate "three yellow triangles in a row on a black background" --model mini -o triangles.png': "test",
+    'urae generate "two blue squares and a red circle on a checkered background" --model mini --preset 4k -o big.png':
+        "test",
     # 2048 px on a CPU: ~15 s alone, much longer on busy cores, so a slow test (python -m pytest -m slow).
     'urae generate "a lighthouse on a cliff at dusk" --model tiny --preset 2k --steps 4 -o lighthouse.png': "test",
+    'urae generate "two red circles on a white background" --model mini --seed 5 -o draft.png': "test",
+    "urae refine draft.png --preset 4k": "tests/urae/test_cli.py::test_generate_from_an_image_and_refine_a_draft",
     "python -m pytest": "ci",
     # Many hosts: the certificate commands run as written (host name replaced) and a rediss:// client
     # reaches a TLS Redis with the result; the compose files are checked without a Docker engine.
@@ -53,6 +69,11 @@ EXERCISED = {
     "chmod 644 redis.key && cd ..": "tests/deploy/test_compose.py::test_a_rediss_url_reaches_a_tls_redis_with_its_password",
     "docker compose -f docker-compose.yml -f docker-compose.s3.yml -f docker-compose.redis-tls.yml up -d --build":
         "no Docker engine here: tests/deploy/test_compose.py merges and checks the three files",
+    # The container tests as CI runs them.
+    "export DOCKER_HOST=$(bash docker/engine.sh start)": "ci",
+    "PYTHON=/usr/bin/python3.11 bash docker/prepare-wheelhouse.sh": "ci",
+    "URAE_REQUIRE_CONTAINERS=1 python -m pytest -m containers": "ci",
+    "bash docker/engine.sh stop": "ci: on exit",
 }
 
 
@@ -67,7 +88,9 @@ def bash_blocks(text: str) -> list[tuple[str, str]]:
 
 def commands(block: str) -> list[str]:
     joined = re.sub(r"\\\n\s*", " ", block)
-    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+    # A comment after a command is for the reader: " # " ends the command.
+    lines = [re.sub(r"\s+# .*$", "", line).strip() for line in joined.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def test_every_readme_command_is_run_by_a_test_or_by_ci() -> None:
@@ -81,21 +104,57 @@ def test_every_readme_command_is_run_by_a_test_or_by_ci() -> None:
         if where == "ci":
             for part in command.split(" && "):
                 assert part in ci_lines, f"{part!r} is not in .ci/run"
-        elif where.startswith("ci: the same pin"):
-            assert command.split(" --index-url ")[0] in ci_lines, f"{command!r}: .ci/run installs another torch"
+        elif where == "ci: the lock's torch pin":
+            pin = re.search(r"torch==\S+", command)
+            assert pin is not None and re.search(rf"^{re.escape(pin.group(0))}$", LOCK, re.M), \
+                f"{command!r}: the lock pins another torch"
+            assert """pip install -c requirements.lock "$(grep -E '^torch==' requirements.lock)\"""" in ci_lines
+        elif where == "ci: on exit":
+            assert re.search(rf"^trap '.*{re.escape(command)} \|\| true' EXIT$", CI_SCRIPT, re.M), \
+                f"{command!r}: .ci/run does not run it on exit"
     # The console script the quickstart names is the local stack that test_local_stack runs.
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["urae-serve"] == "launcher.local_stack:main"
     assert "urae-serve --model black-forest-labs/FLUX.1-dev --workers 2" in README
 
 
-@pytest.mark.slow
-def test_readme_cpu_generation_command_makes_the_image(tmp_path: Path) -> None:
-    command = next(c for c in EXERCISED if c.startswith("urae generate"))
+# The image each README generation command makes: the size its text promises (mini's presets are
+# scaled to it: no size 128 px, 4k 512 px).
+GENERATED_SIZES = {"draft.png": (128, 128), "triangles.png": (128, 128), "big.png": (512, 512), "lighthouse.png": (2048, 2048)}
+
+
+def _generation_commands() -> list[Any]:
+    found = [c for c, where in EXERCISED.items() if c.startswith("urae generate") and where == "test"]
+    # The 2048 px tiny image (see EXERCISED) and mini's 512 px one (20 steps: 30-90 s on 2 busy cores)
+    # are slow tests.
+    return [pytest.param(c, id=c.rsplit(" -o ", 1)[1], marks=[pytest.mark.slow] if "--preset" in c else [])
+            for c in found]
+
+
+@pytest.mark.parametrize("command", _generation_commands())
+def test_readme_cpu_generation_command_makes_the_image(command: str, tmp_path: Path) -> None:
+    out = command.rsplit(" -o ", 1)[1]
     result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
-    with Image.open(tmp_path / "lighthouse.png") as image:
-        assert image.size == (2048, 2048)
+    with Image.open(tmp_path / out) as image:
+        assert image.size == GENERATED_SIZES[out]
+
+
+def test_every_test_the_table_cites_exists() -> None:
+    """An EXERCISED entry is CI, a test of this file, or cites test files (and test functions) that exist."""
+    run_here = {c for c, where in EXERCISED.items() if where == "test"}
+    assert run_here == {c for c in EXERCISED if c.startswith("urae generate")}, "no test here runs these"
+    for command, where in EXERCISED.items():
+        if where == "test" or where == "ci" or where.startswith("ci: "):
+            continue
+        cited = re.findall(r"(tests/[\w/]+\.py)(?:::(\w+))?", where)
+        assert cited, f"{command!r}: {where!r} names no test file"
+        for path, name in cited:
+            assert (REPO_ROOT / path).is_file(), f"{command!r}: {path} does not exist"
+            if name:
+                tree = ast.parse((REPO_ROOT / path).read_text())
+                defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+                assert name in defined, f"{command!r}: {path} has no test {name}"
 
 
 def test_readme_help_flags_are_the_real_ones() -> None:
@@ -117,15 +176,12 @@ def test_the_api_walkthrough_runs_as_written(served_stack: ServedStack, tmp_path
     first, rest = script.split("\n", 1)
     assert first == "export API=http://127.0.0.1:8000 KEY=paste-the-key-urae-serve-printed"
     # Every endpoint of the API appears in it.
-    for route in ("/health", "/ready", "/metrics", "/generate", "/jobs/$JOB", "/jobs/$JOB/events",
+    for route in ("/health", "/ready", "/metrics", "/generate", "/jobs/$JOB", "/jobs/$JOB/events", "/jobs/$JOB/refine",
                   "/jobs/$JOB/images/0", "-X DELETE", "/adapters", "/adapters/urae-2k", "/adapters/my-style",
                   "/finetune"):
         assert route in rest, route
-    # The files the walkthrough uploads: a LoRA for the served (tiny) model and a small dataset.
-    from urae.adapters.builtin import tiny_adapter_path
-
-    lora = tiny_adapter_path("urae-2k", "tiny", tmp_path / "cache")
-    (tmp_path / "my-style.safetensors").write_bytes(lora.read_bytes())
+    # The LoRA it uploads comes from its own `urae builtin` line (the stack serves tiny); the dataset
+    # is made here.
     with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:
         for i, color in enumerate(("red", "blue")):
             png = io.BytesIO()
@@ -135,7 +191,11 @@ def test_the_api_walkthrough_runs_as_written(served_stack: ServedStack, tmp_path
             archive.writestr(f"photo{i}.txt", f"a {color} square")
 
     script = f"set -euo pipefail\nexport API={served_stack.base_url} KEY={served_stack.api_key}\n{rest}"
-    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    # The commands as a user of the installed project runs them: `urae` on the PATH, the served model.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "URAE_MODEL": "tiny"}
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                            env=env)
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     out = result.stdout
     assert '{"status":"ok"}' in out and '"status":"ready"' in out
@@ -143,6 +203,9 @@ def test_the_api_walkthrough_runs_as_written(served_stack: ServedStack, tmp_path
     assert "event: progress" in out and '"status": "finished"' in out
     with Image.open(tmp_path / "fox.png") as image:
         assert image.size == (256, 256)
+    refined = json.loads((tmp_path / "refined.json").read_text())
+    assert refined["kind"] == "generate" and refined["status"] in ("queued", "started", "finished")
+    assert out.count('"kind":"generate"') >= 4  # the two image-to-image jobs and the refine were queued too
     assert '"name":"my-style"' in out and '"builtin":false' in out
     assert '"kind":"finetune"' in out
     # The fine-tune job really runs (the dataset passes its checks), then no training is left running

@@ -203,8 +203,12 @@ def test_exact_decode_adds_a_fraction_of_the_plain_decodes_memory():
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two 4096 px decodes on a 2-core CPU: ~3 min quiet, longer when shared
 def test_exact_decode_at_4096_px_peaks_under_35_percent_of_the_plain_decode():
+    # The decode's own memory: the peak over what the process held before it (torch and the model,
+    # about 520 MiB, which differs between machines and is not the decode's). Measured 25 % here and on
+    # CI; the process's whole peak is not compared, since a larger baseline alone lifts that ratio.
     plain, exact = _peak("full", 4096), _peak("exact", 4096)
-    assert exact["total_mib"] <= 0.35 * plain["total_mib"], (exact, plain)
+    assert plain["added_mib"] > 1500, plain  # the plain decode's 4096 px maps are there at all
+    assert exact["added_mib"] <= 0.35 * plain["added_mib"], (exact, plain)
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 160, 136), (1, 4, 131, 137)])

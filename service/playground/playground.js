@@ -132,7 +132,8 @@ function showTiers(tiers) {
 
 async function applySuggestedSettings() {
   try {
-    const { suggested, model, tiers } = await (await api("/config")).json();
+    const { suggested, model, tiers, input_image: limits } = await (await api("/config")).json();
+    if (limits) inputLimits = limits;
     if (model === "mini") showMiniScale();
     if (tiers) showTiers(tiers);
     if (!suggested) return;
@@ -158,6 +159,49 @@ async function connect() {
     await loadAdapters();
     await restoreJobs();
   }
+}
+
+// -- the image to start from (image to image) ------------------------------------------------------
+// The chosen file as a data URL, sent as `image`; the limits are GET /config's (the server checks too).
+let inputImage = null;
+let inputLimits = { max_bytes: null, content_types: ["image/png", "image/jpeg", "image/webp"] };
+
+function clearInputImage(note = "") {
+  inputImage = null;
+  $("input-image").value = "";
+  $("input-preview").hidden = true;
+  $("input-preview").removeAttribute("src");
+  $("clear-image").hidden = true;
+  $("strength").disabled = true;
+  $("input-note").textContent = note || "fitted to the size above: scaled to cover it, centre-cropped";
+}
+
+function readAsDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function chooseInputImage() {
+  const file = $("input-image").files[0];
+  if (!file) return clearInputImage();
+  if (!inputLimits.content_types.includes(file.type)) {
+    return clearInputImage(`${file.name}: ${file.type || "this type"} is not accepted ` +
+                           `(${inputLimits.content_types.join(", ")})`);
+  }
+  if (inputLimits.max_bytes && file.size > inputLimits.max_bytes) {
+    return clearInputImage(`${file.name} is ${file.size.toLocaleString()} bytes, over the server's limit of ` +
+                           `${inputLimits.max_bytes.toLocaleString()}`);
+  }
+  inputImage = await readAsDataUrl(file);
+  $("input-preview").src = inputImage;
+  $("input-preview").hidden = false;
+  $("clear-image").hidden = false;
+  $("strength").disabled = false;
+  $("input-note").textContent = `${file.name}: fitted to the size above (scaled to cover it, centre-cropped)`;
 }
 
 // -- the request ------------------------------------------------------------------------------------
@@ -192,6 +236,11 @@ function buildRequest() {
   body.adapters = [...document.querySelectorAll("#adapter-list .adapter")]
     .filter((row) => row.querySelector("input[type=checkbox]").checked)
     .map((row) => ({ name: row.dataset.name, weight: Number(row.querySelector(".weight").value) }));
+  if (inputImage) {
+    body.image = inputImage;
+    const strength = numberOrNull("strength");
+    if (strength !== null) body.strength = strength;
+  }
   return body;
 }
 
@@ -498,6 +547,10 @@ function init() {
     $(id).addEventListener("change", () => touched.add(id));
   }
   $("preset").addEventListener("change", syncSizeFields);
+  $("input-image").addEventListener("change", () => {
+    chooseInputImage().catch((err) => clearInputImage(`the file could not be read: ${err.message}`));
+  });
+  $("clear-image").addEventListener("click", () => clearInputImage());
   $("random-seed").addEventListener("click", () => {
     $("seed").value = Math.floor(Math.random() * 2 ** 32);
   });

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from jobstore.contract import TIERS, JobKind
+from jobstore.contract import INPUT_IMAGE_TYPES, MAX_INPUT_IMAGE_PIXELS, TIERS, JobKind
 from service.admission import serving_workers
 from service.deps import ApiKeyDep, RedisDep, SettingsDep
 from service.json_bodies import BoundedJsonRoute
@@ -31,6 +31,14 @@ class Suggested(BaseModel):
     reason: str
 
 
+class InputImageLimits(BaseModel):
+    """What POST /generate and refine accept as an input image (``image``), checked before decoding."""
+
+    max_bytes: int
+    max_pixels: int
+    content_types: list[str]
+
+
 class ServerConfig(BaseModel):
     model: str
     devices: list[str]
@@ -38,6 +46,7 @@ class ServerConfig(BaseModel):
     max_pixels: int | None
     tiers: list[str]
     suggested: Suggested
+    input_image: InputImageLimits
 
 
 def _device_kind(device: str | None) -> str:
@@ -65,7 +74,7 @@ def suggest(devices: list[str], model: str | None = None) -> Suggested:
 
 @router.get("/config", response_model=ServerConfig)
 def server_config(_: ApiKeyDep, settings: SettingsDep, conn: RedisDep) -> ServerConfig:
-    """The served model, the live workers' devices, tiers and size limit, and suggested settings."""
+    """The served model, the live workers' devices, tiers and size limit, suggested settings, input limits."""
     workers: list[dict[str, Any]] = serving_workers(conn, settings, JobKind.GENERATE)
     devices = sorted({str(w.get("device") or "unknown") for w in workers})
     limits = [int(w["max_pixels"]) for w in workers if w.get("max_pixels")]
@@ -73,4 +82,6 @@ def server_config(_: ApiKeyDep, settings: SettingsDep, conn: RedisDep) -> Server
         model=settings.model, devices=devices, live_workers=len(workers), max_pixels=max(limits) if limits else None,
         tiers=sorted({t for w in workers for t in w.get("tiers", ["quality"])}, key=TIERS.index),
         suggested=suggest(devices, settings.model),
+        input_image=InputImageLimits(max_bytes=settings.max_input_image_bytes, max_pixels=MAX_INPUT_IMAGE_PIXELS,
+                                     content_types=sorted(INPUT_IMAGE_TYPES)),
     )

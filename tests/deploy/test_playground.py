@@ -396,6 +396,48 @@ def test_a_refused_refine_shows_the_servers_message_on_its_card(one_tier_mini_st
     assert page.is_enabled(".job .refine button[data-preset='2k']")
 
 
+def test_an_uploaded_image_is_the_start_of_the_generation_at_the_chosen_strength(
+    one_tier_mini_stack: ServedStack, page: Any
+) -> None:
+    stack = one_tier_mini_stack
+    page.goto(f"{stack.base_url}/#key={stack.api_key}")
+    page.wait_for_function("document.getElementById('preset').value === '1k'")
+    page.fill("#prompt", MINI_PROMPT)
+    page.fill("#steps", "4")
+    assert page.is_disabled("#strength")  # no image: no strength
+    # A type the server does not take is refused in the page, with the accepted ones named.
+    page.set_input_files("#input-image", files=[{"name": "a.gif", "mimeType": "image/gif",
+                                                 "buffer": b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"}])
+    page.wait_for_function("document.getElementById('input-note').textContent.includes('not accepted')")
+    assert "(image/jpeg, image/png, image/webp)" in page.inner_text("#input-note")  # GET /config's list
+    assert page.is_disabled("#strength") and page.locator("#input-preview").is_hidden()
+
+    source = io.BytesIO()
+    Image.new("RGB", (160, 96), (40, 85, 225)).save(source, "PNG")
+    page.set_input_files("#input-image", files=[{"name": "start.png", "mimeType": "image/png",
+                                                 "buffer": source.getvalue()}])
+    page.wait_for_selector("#input-preview:not([hidden])")
+    assert page.is_enabled("#strength") and "start.png" in page.inner_text("#input-note")
+    page.fill("#strength", "0.5")
+    page.click("#submit")
+    page.wait_for_selector(".job[data-status='finished'] .results img", timeout=90_000)
+    job_id = page.locator(".job").first.get_attribute("data-job-id")
+    result = get_job(stack, job_id)["result"]
+    # Half of the 4 steps are skipped: the image, fitted to 128 px, is where they start.
+    assert (result["strength"], result["steps_run"], result["width"]) == (0.5, 2, 128), result
+    assert result["input_image"]["upload"] is True
+    assert (result["input_image"]["width"], result["input_image"]["height"]) == (160, 96)
+
+    # Removed: the next request is text to image again.
+    page.click("#clear-image")
+    assert page.is_disabled("#strength") and page.locator("#input-preview").is_hidden()
+    page.click("#submit")
+    page.wait_for_function("document.querySelectorAll('.job[data-status=\"finished\"] .results img').length === 2",
+                           timeout=90_000)
+    second = get_job(stack, page.locator(".job").first.get_attribute("data-job-id"))["result"]
+    assert second["strength"] is None and "input_image" not in second, second
+
+
 def test_the_playground_files_ship_with_the_package() -> None:
     # The API image installs the package (not the source tree): every page file must be package data.
     import fnmatch

@@ -126,6 +126,22 @@ def test_the_pixel_maximum_is_documented_and_read_from_the_header_only(http: Any
     assert refused.status_code == 422 and refused.json()["field"] == "image"
 
 
+def test_config_lists_the_input_limits_that_generate_enforces(http: Any) -> None:
+    limits = http.get("/config").json()["input_image"]
+    assert limits == {"max_bytes": MAX_INPUT_BYTES, "max_pixels": 8192 * 8192,
+                      "content_types": ["image/jpeg", "image/png", "image/webp"]}
+    # What it lists is what is refused: a byte over the listed size, a type not listed.
+    over = http.post("/generate", json={**BASE, "image": data_url(incompressible_png(limits["max_bytes"] + 1))})
+    assert over.status_code == 413 and str(limits["max_bytes"]) in over.json()["detail"]
+    for media_type in limits["content_types"]:
+        fmt = media_type.split("/")[1].upper()
+        accepted = http.post("/generate", json={**BASE, "image": data_url(image_bytes(fmt=fmt), media_type)})
+        assert accepted.status_code == 202, (media_type, accepted.text)
+        http.delete(f"/jobs/{accepted.json()['id']}")
+    gif = http.post("/generate", json={**BASE, "image": "data:image/gif;base64,R0lGODlhAQABAAAAACw="})
+    assert gif.status_code == 422 and "image/gif" in gif.json()["detail"]
+
+
 def test_post_generate_has_its_own_body_limit(http: Any, settings: Any, conn: Any, service_env: dict[str, str]) -> None:
     route_limit = -(-MAX_INPUT_BYTES * 4 // 3) + settings.max_json_body_bytes
     # Larger than any other JSON route takes, within this route's limit: read, and its image checked.

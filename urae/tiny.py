@@ -72,6 +72,43 @@ def _t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
+def small_text_encoders(
+    clip_tok: CLIPTokenizer, t5_tok: T5TokenizerFast, *, pooled_dim: int, text_dim: int, hidden: int, t5_head_dim: int
+) -> tuple[CLIPTextModel, T5EncoderModel]:
+    """CLIP and T5 text encoders of FLUX.1's kinds, two layers each, with the current RNG's random weights
+    (tiny's and mini's): CLIP's pooled output is ``pooled_dim`` wide, T5's tokens ``text_dim``; ``hidden``
+    is both feed-forward widths. CLIP is built first, then T5 (the RNG's order decides the weights)."""
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=pooled_dim,
+            intermediate_size=hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=pooled_dim,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=text_dim,
+            d_kv=t5_head_dim,
+            d_ff=hidden,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+        )
+    )
+    return clip, t5
+
+
 def build_tiny_pipeline(flavour: str = "tiny", dtype: torch.dtype = torch.float32) -> FluxPipeline:
     """Build the tiny pipeline (``tiny`` or ``tiny-schnell``) with seeded random weights, in eval mode."""
     if flavour not in TINY_MODEL_IDS:
@@ -83,34 +120,8 @@ def build_tiny_pipeline(flavour: str = "tiny", dtype: torch.dtype = torch.float3
         torch.manual_seed(TINY_SEED)
         clip_tok = _clip_tokenizer()
         t5_tok = _t5_tokenizer()
-        clip = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(clip_tok),
-                hidden_size=TINY_POOLED_DIM,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                projection_dim=TINY_POOLED_DIM,
-                bos_token_id=clip_tok.bos_token_id,
-                eos_token_id=clip_tok.eos_token_id,
-                pad_token_id=clip_tok.pad_token_id,
-            )
-        )
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=TINY_TEXT_DIM,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                dropout_rate=0.0,
-                feed_forward_proj="gated-gelu",
-                is_encoder_decoder=False,
-            )
-        )
+        clip, t5 = small_text_encoders(clip_tok, t5_tok, pooled_dim=TINY_POOLED_DIM, text_dim=TINY_TEXT_DIM,
+                                       hidden=64, t5_head_dim=8)
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=4 * TINY_LATENT_CHANNELS,

@@ -19,14 +19,9 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
+from transformers import CLIPTokenizer, T5TokenizerFast
+
+from urae.tiny import small_text_encoders
 
 MINI_MODEL_ID = "mini"
 # The analogue of FLUX.1's 1024 px: the resolution mini is trained at; 2x and 4x are its "2K" and "4K".
@@ -146,45 +141,14 @@ def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
     return pieces
 
 
-def _text_encoders(clip_tok: CLIPTokenizer, t5_tok: T5TokenizerFast) -> tuple[CLIPTextModel, T5EncoderModel]:
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=POOLED_DIM,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=POOLED_DIM,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-        )
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=TEXT_DIM,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-        )
-    )
-    return clip, t5
-
-
 def build_mini_pipeline(weights: str | Path | None = WEIGHTS_PATH, dtype: torch.dtype = torch.float32) -> FluxPipeline:
     """The mini pipeline in eval mode, its weights read from ``weights`` (None: untrained, seeded)."""
     devices: list[int] = []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(TEXT_SEED)
         clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
-        clip, t5 = _text_encoders(clip_tok, t5_tok)
+        clip, t5 = small_text_encoders(clip_tok, t5_tok, pooled_dim=POOLED_DIM, text_dim=TEXT_DIM, hidden=128,
+                                       t5_head_dim=16)
         transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
         vae_config = dict(VAE_CONFIG)
         if weights is not None:

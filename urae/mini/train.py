@@ -99,6 +99,36 @@ def _scene_seed(seed: int, stage: int, index: int) -> int:
     return (seed * 1_000_003 + stage) * 10_000_019 + index
 
 
+class _Progress:
+    """A training stage's checkpoint (``{key, "optimizer", "step"}`` in ``ckpt``), resumed where it stopped,
+    and its log lines: every ``log_every`` steps and at the last, with the mean time a step."""
+
+    def __init__(self, key: str, ckpt: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 total: int, log_every: int, checkpoint_every: int) -> None:
+        self.key, self.ckpt, self.module, self.optimizer = key, ckpt, module, optimizer
+        self.total, self.log_every, self.checkpoint_every = total, log_every, checkpoint_every
+        self.start = 0
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=True)
+            module.load_state_dict(state[key])
+            optimizer.load_state_dict(state["optimizer"])
+            self.start = int(state["step"])
+            _log(f"{key}: resuming at step {self.start}")
+        self.started = time.monotonic()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step_done(self, done: int, loss: float) -> None:
+        """After step ``done`` (counted from 1): log, and checkpoint unless it was the last."""
+        if done % self.log_every == 0 or done == self.total:
+            rate = (time.monotonic() - self.started) / (done - self.start)
+            _log(f"{self.key} step {done}/{self.total} loss {loss:.4f} ({rate:.2f} s/step)")
+        if done % self.checkpoint_every == 0 and done < self.total:
+            _save(self.ckpt, {self.key: self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "step": done})
+
+
 def _pixels(images: list[Any]) -> torch.Tensor:
     array = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
@@ -114,16 +144,9 @@ def train_vae(pipe: Any, config: MiniTrainConfig, out: Path) -> dict[str, float]
         return dict(state["scaling"])
     ckpt = out / "vae.pt"
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        vae.load_state_dict(state["vae"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        _log(f"vae: resuming at step {start}")
+    progress = _Progress("vae", ckpt, vae, optimizer, config.vae_steps, 25, config.checkpoint_every)
     vae.train().requires_grad_(True)
-    started = time.monotonic()
-    for step in range(start, config.vae_steps):
+    for step in range(progress.start, config.vae_steps):
         rng = random.Random(_scene_seed(config.seed, 1, step))
         crops = []
         for i in range(config.vae_batch):
@@ -132,22 +155,17 @@ def train_vae(pipe: Any, config: MiniTrainConfig, out: Path) -> dict[str, float]
             y0 = rng.randrange(0, BASE_RESOLUTION - config.vae_crop + 1)
             crops.append(image.crop((x0, y0, x0 + config.vae_crop, y0 + config.vae_crop)))
         pixels = _pixels(crops)
-        lr = config.vae_lr * _lr_factor(step, config.vae_steps, 20, config.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        progress.set_lr(config.vae_lr * _lr_factor(step, config.vae_steps, 20, config.min_lr_ratio))
         posterior = vae.encode(pixels).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
+        # The latent sample from the step's own generator: the global RNG would make reruns differ.
+        sample = posterior.sample(generator=torch.Generator().manual_seed(_scene_seed(config.seed, 14, step)))
+        reconstruction = vae.decode(sample).sample
         loss = F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        done = step + 1
-        if done % 25 == 0 or done == config.vae_steps:
-            rate = (time.monotonic() - started) / (done - start)
-            _log(f"vae step {done}/{config.vae_steps} loss {loss.item():.4f} ({rate:.2f} s/step)")
-        if done % config.checkpoint_every == 0 and done < config.vae_steps:
-            _save(ckpt, {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": done})
+        progress.step_done(step + 1, loss.item())
     vae.eval().requires_grad_(False)
     scaling = _fit_scaling(vae, config)
     _save(done_path, {"vae": vae.state_dict(), "scaling": scaling})
@@ -176,20 +194,13 @@ def refine_decoder(pipe: Any, config: MiniTrainConfig, out: Path) -> None:
         return
     decoder = vae.decoder
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=config.decoder_lr, weight_decay=0.0)
-    ckpt = out / "decoder.pt"
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        decoder.load_state_dict(state["decoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        _log(f"decoder: resuming at step {start}")
+    progress = _Progress("decoder", out / "decoder.pt", decoder, optimizer, config.decoder_steps, 25,
+                         config.checkpoint_every)
     vae.eval().requires_grad_(False)
     decoder.train().requires_grad_(True)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent (8, as FLUX.1's VAE)
     crop = config.vae_crop // factor
-    started = time.monotonic()
-    for step in range(start, config.decoder_steps):
+    for step in range(progress.start, config.decoder_steps):
         rng = random.Random(_scene_seed(config.seed, 5, step))
         images = [render(sample_scene(_scene_seed(config.seed, 13, step * config.decoder_batch + i)), BASE_RESOLUTION)
                   for i in range(config.decoder_batch)]
@@ -203,8 +214,7 @@ def refine_decoder(pipe: Any, config: MiniTrainConfig, out: Path) -> None:
             y0, x0 = rng.randrange(0, size - crop + 1), rng.randrange(0, size - crop + 1)
             crops.append(latents[i, :, y0 : y0 + crop, x0 : x0 + crop])
             targets.append(pixels[i, :, y0 * factor : (y0 + crop) * factor, x0 * factor : (x0 + crop) * factor])
-        for group in optimizer.param_groups:
-            group["lr"] = config.decoder_lr * _lr_factor(step, config.decoder_steps, 20, config.min_lr_ratio)
+        progress.set_lr(config.decoder_lr * _lr_factor(step, config.decoder_steps, 20, config.min_lr_ratio))
         reconstruction = vae.decode(torch.stack(crops)).sample
         target = torch.stack(targets)
         loss = F.l1_loss(reconstruction, target) + F.mse_loss(reconstruction, target)
@@ -212,15 +222,10 @@ def refine_decoder(pipe: Any, config: MiniTrainConfig, out: Path) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
         optimizer.step()
-        done = step + 1
-        if done % 25 == 0 or done == config.decoder_steps:
-            rate = (time.monotonic() - started) / (done - start)
-            _log(f"decoder step {done}/{config.decoder_steps} loss {loss.item():.4f} ({rate:.2f} s/step)")
-        if done % config.checkpoint_every == 0 and done < config.decoder_steps:
-            _save(ckpt, {"decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(), "step": done})
+        progress.step_done(step + 1, loss.item())
     decoder.eval().requires_grad_(False)
     _save(done_path, {"decoder": decoder.state_dict()})
-    ckpt.unlink(missing_ok=True)
+    progress.ckpt.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -281,19 +286,12 @@ def train_transformer(pipe: Any, pool: dict[str, torch.Tensor], config: MiniTrai
     scale = float(pipe.vae.config.scaling_factor)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.lr, weight_decay=0.0)
     ckpt = out / "transformer.pt"
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        transformer.load_state_dict(state["transformer"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        _log(f"transformer: resuming at step {start}")
+    progress = _Progress("transformer", ckpt, transformer, optimizer, config.steps, 10, config.checkpoint_every)
     transformer.train().requires_grad_(True)
     size = int(pool["latent_mean"].shape[0])
     per_epoch = max(1, size // config.batch)
-    started = time.monotonic()
     losses: list[float] = []
-    for step in range(start, config.steps):
+    for step in range(progress.start, config.steps):
         epoch, position = divmod(step, per_epoch)
         order = torch.randperm(size, generator=torch.Generator().manual_seed(_scene_seed(config.seed, 3, epoch)))
         index = order[position * config.batch : (position + 1) * config.batch]
@@ -306,8 +304,7 @@ def train_transformer(pipe: Any, pool: dict[str, torch.Tensor], config: MiniTrai
         sigmas = math.exp(TRAIN_MU) / (math.exp(TRAIN_MU) + (1 / u - 1))
         guidance = 1.0 + 4.0 * float(torch.rand(1, generator=generator))
         captions = pool["caption"][index]
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, config.steps, config.warmup, config.min_lr_ratio)
+        progress.set_lr(config.lr * _lr_factor(step, config.steps, config.warmup, config.min_lr_ratio))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             loss = flow_matching_loss(
                 transformer,
@@ -323,12 +320,7 @@ def train_transformer(pipe: Any, pool: dict[str, torch.Tensor], config: MiniTrai
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
         losses.append(float(loss.item()))
-        done = step + 1
-        if done % 10 == 0 or done == config.steps:
-            rate = (time.monotonic() - started) / (done - start)
-            _log(f"transformer step {done}/{config.steps} loss {np.mean(losses[-10:]):.4f} ({rate:.2f} s/step)")
-        if done % config.checkpoint_every == 0 and done < config.steps:
-            _save(ckpt, {"transformer": transformer.state_dict(), "optimizer": optimizer.state_dict(), "step": done})
+        progress.step_done(step + 1, float(np.mean(losses[-10:])))
     transformer.eval().requires_grad_(False)
     _save(done_path, {"transformer": transformer.state_dict()})
     ckpt.unlink(missing_ok=True)

@@ -115,5 +115,5 @@ def prepare_for_serving(
         metadata = {"format": "pt", **info.metadata, "urae_format": AdapterFormat.LORA.value}
         # Alpha is folded into B now; a recorded peft config would scale it a second time.
         metadata.pop("lora_adapter_metadata", None)
-        write_atomically(dest, lambda tmp: write_safetensors(tmp, tensors, metadata))
+        write_atomically(dest, lambda tmp: write_safetensors(tmp, tensors, metadata, shown_as=dest))
     return inspect_adapter(dest, transformer)

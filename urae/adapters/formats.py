@@ -498,23 +498,27 @@ def save_lora(
         k: v.detach().to("cpu").contiguous().clone() for k, v in _diffusers_state_dict(prepared).items()
     }
     header_metadata = {"format": "pt", **dict(metadata or {}), "urae_format": AdapterFormat.LORA.value}
-    return write_atomically(path, lambda tmp: write_safetensors(tmp, tensors, header_metadata))
+    return write_atomically(path, lambda tmp: write_safetensors(tmp, tensors, header_metadata, shown_as=path))
 
 
 def write_safetensors(
     path: str | os.PathLike[str],
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
+    shown_as: str | os.PathLike[str] | None = None,
 ) -> None:
     """Write a safetensors file whose bytes depend only on its content.
 
     The safetensors library writes ``__metadata__`` in hash-map order, which changes from process to
     process; the registry and the built-in adapters identify files by SHA-256, so keys are sorted here.
+    Otherwise the bytes are the reference writer's. Errors name ``shown_as`` (default ``path``): the
+    file the caller asked for, when ``path`` is the temporary file of an atomic write.
     """
+    shown = Path(shown_as if shown_as is not None else path)
     if metadata is not None and not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise _fail(HeaderFormatError, Path(path), "metadata must map strings to strings")
+        raise _fail(HeaderFormatError, shown, "metadata must map strings to strings")
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
@@ -523,11 +527,7 @@ def write_safetensors(
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
         if tensor.dtype not in _TORCH_TO_SAFETENSORS:
-            raise _fail(
-                TensorDtypeError,
-                Path(path),
-                f"tensor {name} is {tensor.dtype}; only float16, bfloat16, float32",
-            )
+            raise _fail(TensorDtypeError, shown, f"tensor {name} is {tensor.dtype}; only float16, bfloat16, float32")
         # Reinterpreting as bytes gives the machine's byte order: little-endian, as safetensors requires,
         # on every platform torch serves FLUX from.
         blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -579,7 +579,5 @@ def save_minor_components(
     for module, (b, a) in sorted(layers.items()):
         tensors[minor_component_key(module, "a")] = a.detach().contiguous().clone()
         tensors[minor_component_key(module, "b")] = b.detach().contiguous().clone()
-    return write_atomically(
-        Path(path),
-        lambda tmp: write_safetensors(tmp, tensors, {"format": "pt", "urae_format": "minor_components"}),
-    )
+    metadata = {"format": "pt", "urae_format": "minor_components"}
+    return write_atomically(Path(path), lambda tmp: write_safetensors(tmp, tensors, metadata, shown_as=path))

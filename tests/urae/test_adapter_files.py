@@ -106,6 +106,10 @@ def test_alpha_folded_at_save_keeps_the_tensors_dtype(tmp_path: Path) -> None:
     folded = load_lora_state_dict(path)[f"transformer.{Q}.lora_B.weight"]
     assert folded.dtype == torch.bfloat16
     torch.testing.assert_close(folded, (up.float() * 2.0).to(torch.bfloat16))
+    # An alpha equal to the input width (not the rank) is still folded: rank 4, alpha 32.
+    path = save_lora(tmp_path / "b.safetensors", {Q: (up, down)}, alpha={Q: float(WIDTH)})
+    torch.testing.assert_close(load_lora_state_dict(path)[f"transformer.{Q}.lora_B.weight"],
+                               (up.float() * 8.0).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize(
@@ -322,3 +326,27 @@ def test_a_misfit_names_its_first_three_problems_and_counts_the_rest(
         load_adapter_layers(path, transformer)
     named = "; ".join(f"{m} does not exist in this transformer" for m in sorted(modules)[:3])
     assert str(raised.value) == f"{path}: does not fit this base model: {named}{more}"
+
+
+def test_an_unknown_key_found_while_inspecting_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "unet.safetensors"
+    save_file({"unet.conv_in.lora_A.weight": torch.zeros(2, 4), "unet.conv_in.lora_B.weight": torch.zeros(4, 2)}, path)
+    with pytest.raises(UnknownKeysError) as raised:
+        inspect_adapter(path)
+    assert str(raised.value).startswith(f"{path}: ")
+
+
+def test_a_file_the_reader_then_fails_on_is_a_header_error_naming_it(tmp_path: Path, monkeypatch: Any) -> None:
+    # As when the file is replaced between the header check and the read: the safetensors reader's own
+    # error, whatever its type, becomes the adapter error users are answered with.
+    import urae.adapters.formats as formats
+
+    path = save_lora(tmp_path / "a.safetensors", {Q: pair()})
+
+    def replaced(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the file changed")
+
+    monkeypatch.setattr(formats, "safe_open", replaced)
+    with pytest.raises(HeaderFormatError) as raised:
+        load_adapter_layers(path)
+    assert str(raised.value) == f"{path}: could not be read as safetensors (the file changed)"

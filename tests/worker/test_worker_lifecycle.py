@@ -67,7 +67,7 @@ def test_sigterm_puts_an_overdue_job_back_and_a_short_one_finishes(api: Any, sta
     worker.signal(signal.SIGTERM)
     job = wait_for_status(api, job_id, ("queued", "failed", "finished", "canceled"), timeout_s=30)
     assert job["status"] == "queued", job
-    assert worker.proc.wait(timeout=30) == 0
+    assert worker.proc.wait(timeout=30) == 0, worker.output()  # the output says what raised, if anything
 
     # A generous grace period this time: the short job must finish on a busy machine.
     successor = start_worker("stopping-2", "--queues", "generate", env={"URAE_SHUTDOWN_GRACE_S": "30"})
@@ -79,4 +79,4 @@ def test_sigterm_puts_an_overdue_job_back_and_a_short_one_finishes(api: Any, sta
     wait_progress(api, short, step=1)
     successor.signal(signal.SIGTERM)
     assert wait_for_status(api, short)["status"] == "finished"
-    assert successor.proc.wait(timeout=30) == 0
+    assert successor.proc.wait(timeout=30) == 0, successor.output()

@@ -69,6 +69,14 @@ def card_meta(card: Any) -> dict[str, str]:
                     strict=True))
 
 
+def open_with_mini_prompt(page: Any, stack: ServedStack) -> None:
+    """The playground signed in through its link, the form filled from /config (mini: its 1K), and a
+    caption mini draws typed in."""
+    page.goto(f"{stack.base_url}/#key={stack.api_key}")
+    page.wait_for_function("document.getElementById('preset').value === '1k'")
+    page.fill("#prompt", MINI_PROMPT)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
@@ -318,9 +326,7 @@ def test_with_one_tier_served_the_tier_selector_is_disabled_and_says_why(
 
 def test_refine_is_offered_only_at_the_presets_larger_than_the_image(one_tier_mini_stack: ServedStack, page: Any) -> None:
     stack = one_tier_mini_stack
-    page.goto(f"{stack.base_url}/#key={stack.api_key}")
-    page.wait_for_function("document.getElementById('preset').value === '1k'")
-    page.fill("#prompt", MINI_PROMPT)
+    open_with_mini_prompt(page, stack)
     page.fill("#steps", "2")
     offered = {}
     for count, preset in enumerate(("1k", "2k", "4k"), start=1):
@@ -336,9 +342,7 @@ def test_refine_at_2k_makes_the_same_picture_at_the_2k_size_in_a_card_of_its_own
     one_tier_mini_stack: ServedStack, page: Any
 ) -> None:
     stack = one_tier_mini_stack
-    page.goto(f"{stack.base_url}/#key={stack.api_key}")
-    page.wait_for_function("document.getElementById('preset').value === '1k'")
-    page.fill("#prompt", MINI_PROMPT)
+    open_with_mini_prompt(page, stack)
     page.fill("#seed", "7")
     page.click("#submit")
     page.wait_for_selector(".job[data-status='finished'] .results img", timeout=90_000)
@@ -377,9 +381,7 @@ def test_refine_at_2k_makes_the_same_picture_at_the_2k_size_in_a_card_of_its_own
 
 def test_a_refused_refine_shows_the_servers_message_on_its_card(one_tier_mini_stack: ServedStack, page: Any) -> None:
     stack = one_tier_mini_stack
-    page.goto(f"{stack.base_url}/#key={stack.api_key}")
-    page.wait_for_function("document.getElementById('preset').value === '1k'")
-    page.fill("#prompt", MINI_PROMPT)
+    open_with_mini_prompt(page, stack)
     page.fill("#steps", "2")
     page.click("#submit")
     page.wait_for_selector(".job[data-status='finished'] .results img", timeout=90_000)
@@ -400,9 +402,7 @@ def test_an_uploaded_image_is_the_start_of_the_generation_at_the_chosen_strength
     one_tier_mini_stack: ServedStack, page: Any
 ) -> None:
     stack = one_tier_mini_stack
-    page.goto(f"{stack.base_url}/#key={stack.api_key}")
-    page.wait_for_function("document.getElementById('preset').value === '1k'")
-    page.fill("#prompt", MINI_PROMPT)
+    open_with_mini_prompt(page, stack)
     page.fill("#steps", "4")
     assert page.is_disabled("#strength")  # no image: no strength
     # A type the server does not take is refused in the page, with the accepted ones named.

@@ -4,8 +4,9 @@ Double and single stream blocks, RoPE over three axes, a guidance embedding like
 with 4 levels (scale factor 8) and 2x2 packing, CLIP and T5 text encoders: the real classes of
 diffusers and transformers, only narrower and shallower. The transformer and the VAE are trained
 (see :mod:`urae.mini.train`) at :data:`BASE_RESOLUTION` on images of :mod:`urae.world`; the two text
-encoders keep their seeded random weights (the transformer learns the captions through them) and are
-stored with the rest, so that a change in a library's initialisation never changes ``mini``.
+encoders start from seeded random weights and learn with the transformer (FLUX.1's come pretrained;
+random ones leave the transformer to untangle which word goes with which). Every component is stored,
+so that a change in a library's initialisation never changes ``mini``.
 The tokenizers are built in memory from the world's words plus single characters, so any prompt
 tokenizes and the world's captions take one token a word.
 """
@@ -43,7 +44,7 @@ TRANSFORMER_CONFIG: dict[str, Any] = {
     "num_layers": 2,
     "num_single_layers": 4,
     "attention_head_dim": 32,
-    "num_attention_heads": 4,
+    "num_attention_heads": 6,
     "joint_attention_dim": TEXT_DIM,
     "pooled_projection_dim": POOLED_DIM,
     "guidance_embeds": True,

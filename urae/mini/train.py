@@ -1,13 +1,16 @@
 """Train ``mini`` from scratch: ``python -m urae.mini.train --out DIR`` (seeded, resumable).
 
-Three stages, each checkpointed in ``DIR`` so an interrupted run continues where it stopped:
+Four stages, each checkpointed in ``DIR`` so an interrupted run continues where it stopped:
 
 1. the VAE (AutoencoderKL, L1 + MSE with a small KL term) on crops of world images at the base
    resolution; its latent scale and shift are then fitted like FLUX.1's (0.3611 / 0.1159);
-2. a pool of world scenes encoded once (posterior mean and std, prompt embeddings);
-3. the transformer with FLUX's rectified-flow objective (urae.train.flow_matching): x_t = (1-s) x0 +
-   s eps, target eps - x0, s logit-normal shifted as at FLUX's training size (mu 1.15), the guidance
-   embedding fed a random value in [1, 5] (mini is not guidance-distilled: the input carries nothing);
+2. a pool of world scenes encoded once (posterior mean and std; prompt embeddings, used only when
+   the text encoders stay frozen);
+3. the transformer and the two text encoders (from their seeded random weights; FLUX.1's come
+   pretrained, random ones scramble which word goes with which) with FLUX's rectified-flow objective
+   (urae.train.flow_matching): x_t = (1-s) x0 + s eps, target eps - x0, s logit-normal shifted as at
+   FLUX's training size (mu 1.15), the guidance embedding fed a random value in [1, 5] (mini is not
+   guidance-distilled: the input carries nothing);
 4. the decoder alone on the fixed encoder's latents (sharper edges and truer colours; the latent space,
    and so the transformer, unchanged).
 
@@ -60,7 +63,7 @@ class MiniTrainConfig:
     decoder_batch: int = 8
     decoder_lr: float = 5e-4
     pool_size: int = 8192
-    steps: int = 3000
+    steps: int = 8000
     batch: int = 16
     lr: float = 6e-4
     warmup: int = 100
@@ -70,13 +73,16 @@ class MiniTrainConfig:
     # bf16 autocast only where the CPU computes bf16 natively (AVX512-BF16, AMX): elsewhere torch
     # emulates it, about 30x slower than float32 for this model (0.4 against 12 s a step on AVX2).
     bf16: bool = False
+    # The two text encoders learn with the transformer (FLUX.1's come pretrained; random ones scramble
+    # which word goes with which): the pool's cached prompt embeddings are then not used.
+    train_text_encoders: bool = True
 
 
 # The settings each stage depends on: a resumed run may change a later stage's, never a finished one's.
 STAGE_FIELDS = {
     "vae": ("seed", "vae_steps", "vae_batch", "vae_crop", "vae_lr", "min_lr_ratio"),
     "pool": ("seed", "pool_size"),
-    "transformer": ("seed", "steps", "batch", "lr", "warmup", "min_lr_ratio", "bf16"),
+    "transformer": ("seed", "steps", "batch", "lr", "warmup", "min_lr_ratio", "bf16", "train_text_encoders"),
     "decoder": ("seed", "decoder_steps", "decoder_batch", "vae_crop", "decoder_lr", "min_lr_ratio"),
 }
 STAGE_FILES = {"vae": ("vae.pt", "vae-done.pt"), "pool": ("pool.pt",),
@@ -273,21 +279,59 @@ def _lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def pool_captions(config: MiniTrainConfig) -> list[str]:
+    """The pool's distinct captions, numbered as :func:`encode_pool` numbers them (first appearance)."""
+    captions: dict[str, None] = {}
+    for i in range(config.pool_size):
+        captions.setdefault(sample_scene(_scene_seed(config.seed, 2, i)).caption)
+    return list(captions)
+
+
+class TextEncoding:
+    """Prompt embeddings with gradients, computed as FluxPipeline.encode_prompt computes them (T5's last
+    hidden states at ``MAX_SEQUENCE_LENGTH`` tokens, CLIP's pooled output at 77), from token ids made once."""
+
+    def __init__(self, pipe: Any, captions: list[str]) -> None:
+        self.pipe = pipe
+        self.t5_ids = pipe.tokenizer_2(captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                                       return_tensors="pt").input_ids
+        self.clip_ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer_max_length,
+                                       truncation=True, return_tensors="pt").input_ids
+
+    def __call__(self, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = self.pipe.text_encoder_2(self.t5_ids[caption_ids], output_hidden_states=False)[0]
+        pooled = self.pipe.text_encoder(self.clip_ids[caption_ids], output_hidden_states=False).pooler_output
+        return embeds, pooled
+
+
+def _trained_modules(pipe: Any, config: MiniTrainConfig) -> dict[str, torch.nn.Module]:
+    modules = {"transformer": pipe.transformer}
+    if config.train_text_encoders:
+        modules |= {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    return modules
+
+
 def train_transformer(pipe: Any, pool: dict[str, torch.Tensor], config: MiniTrainConfig, out: Path) -> None:
-    """Stage 3: the transformer, with FLUX's rectified-flow loss on the pool's latents."""
+    """Stage 3: the transformer (and the text encoders), with FLUX's rectified-flow loss on the pool's latents."""
     from urae.train.flow_matching import flow_matching_loss
 
-    transformer = pipe.transformer
+    trained = torch.nn.ModuleDict(_trained_modules(pipe, config))
     done_path = out / "transformer-done.pt"
     if done_path.exists():
-        transformer.load_state_dict(torch.load(done_path, weights_only=True)["transformer"])
+        trained.load_state_dict(torch.load(done_path, weights_only=True)["transformer"])
         return
     shift = float(pipe.vae.config.shift_factor)
     scale = float(pipe.vae.config.scaling_factor)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=config.lr, weight_decay=0.0)
     ckpt = out / "transformer.pt"
-    progress = _Progress("transformer", ckpt, transformer, optimizer, config.steps, 10, config.checkpoint_every)
-    transformer.train().requires_grad_(True)
+    progress = _Progress("transformer", ckpt, trained, optimizer, config.steps, 10, config.checkpoint_every)
+    trained.train().requires_grad_(True)
+    text = None
+    if config.train_text_encoders:
+        captions = pool_captions(config)
+        if len(captions) != len(pool["prompt_embeds"]):
+            raise ValueError(f"the pool holds {len(pool['prompt_embeds'])} captions, its scenes {len(captions)}")
+        text = TextEncoding(pipe, captions)
     size = int(pool["latent_mean"].shape[0])
     per_epoch = max(1, size // config.batch)
     losses: list[float] = []
@@ -306,23 +350,19 @@ def train_transformer(pipe: Any, pool: dict[str, torch.Tensor], config: MiniTrai
         captions = pool["caption"][index]
         progress.set_lr(config.lr * _lr_factor(step, config.steps, config.warmup, config.min_lr_ratio))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            loss = flow_matching_loss(
-                transformer,
-                latents,
-                pool["prompt_embeds"][captions].float(),
-                pool["pooled_prompt_embeds"][captions].float(),
-                sigmas,
-                noise,
-                guidance,
-            )
+            if text is None:
+                embeds, pooled = pool["prompt_embeds"][captions].float(), pool["pooled_prompt_embeds"][captions].float()
+            else:
+                embeds, pooled = text(captions)
+            loss = flow_matching_loss(pipe.transformer, latents, embeds, pooled, sigmas, noise, guidance)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()
         losses.append(float(loss.item()))
         progress.step_done(step + 1, float(np.mean(losses[-10:])))
-    transformer.eval().requires_grad_(False)
-    _save(done_path, {"transformer": transformer.state_dict()})
+    trained.eval().requires_grad_(False)
+    _save(done_path, {"transformer": trained.state_dict()})
     ckpt.unlink(missing_ok=True)
 
 
@@ -369,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = MiniTrainConfig(**QUICK) if args.quick else MiniTrainConfig()
     overrides = {f.name: getattr(args, f.name) for f in fields(MiniTrainConfig) if getattr(args, f.name) is not None}
-    config = replace(config, **{k: bool(v) if k == "bf16" else v for k, v in overrides.items()})
+    booleans = {f.name for f in fields(MiniTrainConfig) if f.type == "bool"}
+    config = replace(config, **{k: bool(v) if k in booleans else v for k, v in overrides.items()})
     path = train_mini(args.out, config)
     if args.install:
         WEIGHTS_PATH.parent.mkdir(parents=True, exist_ok=True)

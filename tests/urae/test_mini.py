@@ -30,11 +30,11 @@ from urae.world.scene import evaluation_captions
 ROOT = Path(__file__).resolve().parents[2]
 # Measured on the held-out captions below (bench/mini_urae.py row 1, BENCHMARKS.md): the shipped mini
 # draws the caption's background every time (16 of 16) and its colours in 7 of 16 images (judged against
-# another caption of the set: 0-2 of 16), 2 of 16 fully right. The thresholds leave a margin for another
+# another caption of the set: 0-3 of 16), 2 of 16 fully right. The thresholds leave a margin for another
 # CPU's float differences.
 BASE_CAPTIONS = 16
 MIN_BACKGROUND_RIGHT_AT_BASE = 0.75
-MIN_COLOURS_RIGHT_AT_BASE = 4
+MIN_COLOURS_RIGHT_AT_BASE = 5
 ADAPTER_CAPTIONS = 8
 
 
@@ -108,7 +108,6 @@ def test_mini_draws_the_background_and_colours_the_caption_asks_for_at_its_base_
     assert own >= MIN_COLOURS_RIGHT_AT_BASE and own >= 2 * sum(others) / len(others), (own, others)
 
 
-@pytest.mark.slow
 def test_the_2x_adapter_beats_the_bare_model_at_2x(mini: Generator) -> None:
     captions = evaluation_captions(ADAPTER_CAPTIONS)
 

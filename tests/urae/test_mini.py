@@ -17,9 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from urae.attention import proportional_processors
-from urae.generate import Generator
 from urae.data.cache import encode_prompt
-from urae.mini.model import BASE_RESOLUTION, BASE_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH, WEIGHTS_PATH, build_mini_pipeline
+from urae.generate import Generator
+from urae.mini.model import (
+    BASE_RESOLUTION,
+    BASE_SEQUENCE_LENGTH,
+    MAX_SEQUENCE_LENGTH,
+    WEIGHTS_PATH,
+    build_mini_pipeline,
+)
 from urae.mini.train import TextEncoding
 from urae.models import load_pipeline, stored_dtype
 from urae.presets import resolve_spec

@@ -328,10 +328,10 @@ def train_transformer(pipe: Any, pool: dict[str, torch.Tensor], config: MiniTrai
     trained.train().requires_grad_(True)
     text = None
     if config.train_text_encoders:
-        captions = pool_captions(config)
-        if len(captions) != len(pool["prompt_embeds"]):
-            raise ValueError(f"the pool holds {len(pool['prompt_embeds'])} captions, its scenes {len(captions)}")
-        text = TextEncoding(pipe, captions)
+        texts = pool_captions(config)
+        if len(texts) != len(pool["prompt_embeds"]):
+            raise ValueError(f"the pool holds {len(pool['prompt_embeds'])} captions, its scenes {len(texts)}")
+        text = TextEncoding(pipe, texts)
     size = int(pool["latent_mean"].shape[0])
     per_epoch = max(1, size // config.batch)
     losses: list[float] = []

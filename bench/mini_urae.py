@@ -1,6 +1,6 @@
 """URAE in miniature: the paper's claims measured on ``mini`` with the world's judge, on a CPU.
 
-    python bench/mini_urae.py                    # the whole table (about an hour on 2 cores)
+    python bench/mini_urae.py                    # the whole table (about 15 minutes on 2 idle cores)
     python bench/mini_urae.py --api              # plus row 6: the 2x adapter through POST /finetune
     python bench/mini_urae.py --quick            # every stage for a few steps (a test runs it)
 
@@ -56,7 +56,7 @@ class Plan:
     batch: int
 
 
-# Sized for a shared 2-core CPU in about an hour; --images, --steps-2x, --steps-4x scale it up.
+# Sized for a 2-core CPU in about 15 minutes; --images, --steps-2x, --steps-4x scale it up.
 FULL = Plan(images=8, steps=None, data_sizes=(16, 64, 192), data_4x=48, steps_2x=300, steps_4x=100, batch=4)
 QUICK = Plan(images=2, steps=2, data_sizes=(2, 4), data_4x=2, steps_2x=2, steps_4x=1, batch=1)
 

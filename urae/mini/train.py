@@ -243,24 +243,18 @@ def encode_pool(pipe: Any, config: MiniTrainConfig, out: Path) -> dict[str, torc
     from urae.data.cache import encode_prompt
 
     chunk = 64
+    texts = pool_captions(config)
+    number = {caption: i for i, caption in enumerate(texts)}
     means, stds, caption_ids = [], [], []
-    captions: dict[str, int] = {}
-    embeds, pooled = [], []
     started = time.monotonic()
     for first in range(0, config.pool_size, chunk):
         scenes = [sample_scene(_scene_seed(config.seed, 2, i)) for i in range(first, min(first + chunk, config.pool_size))]
         posterior = pipe.vae.encode(_pixels([render(s, BASE_RESOLUTION) for s in scenes])).latent_dist
         means.append(posterior.mean.half())
         stds.append(posterior.std.half())
-        for scene in scenes:
-            caption = scene.caption
-            if caption not in captions:
-                captions[caption] = len(captions)
-                e, p = encode_prompt(pipe, caption, MAX_SEQUENCE_LENGTH)
-                embeds.append(e)
-                pooled.append(p)
-            caption_ids.append(captions[caption])
+        caption_ids += [number[scene.caption] for scene in scenes]
         _log(f"pool {min(first + chunk, config.pool_size)}/{config.pool_size} ({time.monotonic() - started:.0f} s)")
+    embeds, pooled = zip(*(encode_prompt(pipe, caption, MAX_SEQUENCE_LENGTH) for caption in texts), strict=True)
     pool = {
         "latent_mean": torch.cat(means),
         "latent_std": torch.cat(stds),
